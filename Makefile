@@ -1,0 +1,46 @@
+# kproxyd: every target installs what it needs first, so a fresh Debian 12 machine (as root) needs only make.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl
+STAMP_APT := $(VENV)/.apt-done
+STAMP_PIP := $(VENV)/.pip-done
+
+.PHONY: setup demo test lint unit netns bench clean
+
+setup: $(STAMP_PIP)
+
+$(STAMP_APT):
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@touch $@
+
+$(STAMP_PIP): $(STAMP_APT) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/kproxyd lab demo
+
+lint: setup
+	$(VENV)/bin/ruff check kproxyd tests
+	$(VENV)/bin/ruff format --check kproxyd tests
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q -m 'not netns'
+
+netns: setup
+	$(PY) -m pytest -q -m netns
+
+test: lint
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""Command line: placeholder until the daemon is wired."""
+
+
+def main() -> None:
+    """Entry point."""
