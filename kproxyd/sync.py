@@ -1,0 +1,152 @@
+"""The sync: take recorded changes, re-plan what changed, hand it to the backend; and when to run it.
+
+SyncRunner runs syncs one at a time, at most once per min-sync-period after a change, and a full one every
+sync-period. A failed apply keeps the previous rules (the backend writes atomically) and is retried with
+backoff as a full sync, so nothing recorded in between is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from kproxyd.backends import Backend
+from kproxyd.metrics import ProxyMetrics
+from kproxyd.model import ServicePortName
+from kproxyd.plan import ServicePlan, changed_plans, plan_service_port
+from kproxyd.tracker import Changes, ProxyStateTracker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What one sync did."""
+
+    full: bool
+    changed: int  # ServicePorts whose plan changed (all of them on a full sync)
+    services: int  # ServicePorts programmed in total
+    applied: bool  # False when there was nothing to write
+
+
+class Proxier:
+    """Turns tracked changes into plans and applies them through one backend."""
+
+    def __init__(self, tracker: ProxyStateTracker, backend: Backend, metrics: ProxyMetrics) -> None:
+        self._tracker = tracker
+        self._backend = backend
+        self._metrics = metrics
+        self._plans: dict[ServicePortName, ServicePlan] = {}
+
+    @property
+    def plans(self) -> Mapping[ServicePortName, ServicePlan]:
+        """The plans last applied successfully."""
+        return self._plans
+
+    def sync(self, force_full: bool = False) -> SyncResult:
+        """One sync. Raises when the backend fails; the next sync is then a full one."""
+        if force_full:
+            self._tracker.request_full()
+        changes = self._tracker.take_changes()
+        plans = self._replan(changes)
+        changed = set(plans) if changes.full else changed_plans(self._plans, plans)
+        self._metrics.record_changes(changes.service_events, changes.endpoint_events)
+        if not changes.full and not changed:
+            return SyncResult(False, 0, len(plans), applied=False)
+        start = time.monotonic()
+        try:
+            self._backend.apply(plans, None if changes.full else changed, changes.node)
+        except Exception:
+            self._tracker.request_full()
+            self._metrics.sync_failures.inc()
+            raise
+        self._metrics.record_sync(time.monotonic() - start, changes.full, plans.values())
+        self._plans = plans
+        return SyncResult(changes.full, len(changed), len(plans), applied=True)
+
+    def _replan(self, changes: Changes) -> dict[ServicePortName, ServicePlan]:
+        plans = {} if changes.full else dict(self._plans)
+        if not changes.full:
+            for name in [n for n in plans if n.service_key in changes.services]:
+                del plans[name]
+        for view in changes.services.values():
+            for port in view.ports:
+                plans[port.name] = plan_service_port(port, view.endpoints.get(port.name, ()), changes.node)
+        return plans
+
+
+class SyncRunner:
+    """Runs a sync function in its own thread: batched by min_period, full every period, retried."""
+
+    def __init__(
+        self,
+        sync: Callable[[bool], object],
+        min_period: float,
+        period: float,
+        max_retry_delay: float = 30.0,
+    ) -> None:
+        self._sync = sync
+        self._min_period = min_period
+        self._period = period
+        self._max_retry_delay = max_retry_delay
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pending = True
+        self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
+        self.last_success = 0.0  # time.time() of the last successful sync, 0 before the first
+        self.oldest_pending = 0.0  # time.time() when the oldest unsynced change was queued
+
+    def start(self) -> None:
+        """Start the loop (the first sync runs at once)."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the running sync, if any."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def request(self) -> None:
+        """Ask for a sync; several requests within min_period become one."""
+        if not self._pending:
+            self.oldest_pending = time.time()
+        self._pending = True
+        self._wake.set()
+
+    def _loop(self) -> None:
+        last_start = last_full = -float("inf")
+        retry_delay = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            full = now - last_full >= self._period
+            due = max(last_start + self._min_period, last_start + retry_delay) if self._pending else None
+            if full or (due is not None and now >= due):
+                self._pending = False
+                last_start = now
+                if self._run(full):
+                    retry_delay = 0.0
+                    last_full = now if full else last_full
+                else:
+                    self._pending = True
+                    retry_delay = min(max(2 * retry_delay, self._min_period, 0.5), self._max_retry_delay)
+                continue
+            wait = last_full + self._period - now
+            if due is not None:
+                wait = min(wait, due - now)
+            self._wake.wait(max(wait, 0.0))
+            self._wake.clear()
+
+    def _run(self, full: bool) -> bool:
+        try:
+            self._sync(full)
+        except Exception:
+            log.exception("sync failed; previous rules kept, will retry")
+            return False
+        self.last_success = time.time()
+        if not self._pending:
+            self.oldest_pending = 0.0
+        return True

@@ -1,0 +1,117 @@
+"""sync.py: the Proxier's change handling against a recording backend, and the SyncRunner's scheduling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+import pytest
+
+from kproxyd.metrics import ProxyMetrics
+from kproxyd.model import NodeInfo, ServicePortName
+from kproxyd.plan import ServicePlan
+from kproxyd.sync import Proxier, SyncRunner
+from kproxyd.tracker import ENDPOINT_SLICE, SERVICE, ProxyStateTracker
+from tests.factories import endpoint, endpoint_slice, service
+
+
+class RecordingBackend:
+    """Records every apply; fails on demand."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[set[ServicePortName], set[ServicePortName] | None]] = []
+        self.fail = False
+
+    def apply(self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None,
+              node: NodeInfo) -> None:
+        if self.fail:
+            raise RuntimeError("kernel said no")
+        self.calls.append((set(plans), changed))
+
+    def cleanup(self) -> None:
+        self.calls.clear()
+
+
+@pytest.fixture
+def setup() -> tuple[ProxyStateTracker, RecordingBackend, Proxier]:
+    tracker = ProxyStateTracker("node1")
+    backend = RecordingBackend()
+    tracker.upsert(SERVICE, service(name="a", cluster_ip="10.96.0.10"))
+    tracker.upsert(SERVICE, service(name="b", cluster_ip="10.96.0.11"))
+    tracker.upsert(ENDPOINT_SLICE, endpoint_slice(service_name="a"))
+    return tracker, backend, Proxier(tracker, backend, ProxyMetrics())
+
+
+def test_first_sync_full_then_no_op(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+    _, backend, proxier = setup
+    assert proxier.sync().full
+    assert backend.calls[0][1] is None and len(backend.calls[0][0]) == 2
+    result = proxier.sync()
+    assert not result.applied
+    assert len(backend.calls) == 1  # a sync with no change sends nothing
+
+
+def test_partial_sync_names_only_the_changed_port(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+    tracker, backend, proxier = setup
+    proxier.sync()
+    tracker.upsert(ENDPOINT_SLICE, endpoint_slice(service_name="a", endpoints=[endpoint("10.244.1.9")]))
+    proxier.sync()
+    plans, changed = backend.calls[-1]
+    assert changed == {n for n in plans if n.name == "a"}
+    assert len(plans) == 2
+
+
+def test_deleted_service_leaves_plans(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+    tracker, backend, proxier = setup
+    proxier.sync()
+    tracker.delete(SERVICE, service(name="b"))
+    proxier.sync()
+    plans, changed = backend.calls[-1]
+    assert {n.name for n in plans} == {"a"}
+    assert {n.name for n in changed or ()} == {"b"}
+
+
+def test_failed_apply_keeps_last_plans_and_retries_full(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+    tracker, backend, proxier = setup
+    proxier.sync()
+    before = dict(proxier.plans)
+    tracker.upsert(ENDPOINT_SLICE, endpoint_slice(service_name="b"))
+    backend.fail = True
+    with pytest.raises(RuntimeError):
+        proxier.sync()
+    assert proxier.plans == before
+    backend.fail = False
+    assert proxier.sync().full
+    assert backend.calls[-1][1] is None
+
+
+def test_runner_batches_requests_and_retries() -> None:
+    calls: list[bool] = []
+    failures = [True]
+    done = threading.Event()
+
+    def sync(full: bool) -> None:
+        calls.append(full)
+        if failures:
+            failures.pop()
+            raise RuntimeError("first sync fails")
+        if len(calls) >= 3:
+            done.set()
+
+    runner = SyncRunner(sync, min_period=0.2, period=3600)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while runner.last_success == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert runner.last_success > 0  # the failed first sync was retried
+        for _ in range(20):
+            runner.request()
+        assert done.wait(10)
+        assert len(calls) == 3  # twenty requests within min_period became one sync
+        assert calls[0] is True  # the first sync is a full one
+    finally:
+        runner.stop()
