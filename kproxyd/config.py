@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 import yaml
 
-from kproxyd.model import DetectLocalMode
+from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -224,3 +224,22 @@ def _apply_nftables_fields(flat: Mapping[str, Any], config: ProxyConfig) -> Prox
              "nftables.minSyncPeriod": ("min_sync_period", parse_duration)}
     values = {names[p][0]: names[p][1](v) for p, v in flat.items() if not _is_unset(v)}
     return replace(config, **values)
+
+
+def local_traffic_detector(config: ProxyConfig, node: NodeInfo) -> LocalTrafficDetector | None:
+    """How pod traffic is recognised (kube-proxy's --detect-local-mode; ClusterCIDR by default).
+
+    None when the chosen mode has nothing to go on (no cluster CIDR, or the Node has no pod CIDR yet), as
+    kube-proxy's no-op detector: then only --masquerade-all masquerades cluster-IP traffic.
+    """
+    mode = config.detect_local_mode or DetectLocalMode.CLUSTER_CIDR
+    if mode is DetectLocalMode.CLUSTER_CIDR:
+        cidrs = tuple(c for c in config.cluster_cidrs if ":" not in c)
+        return LocalTrafficDetector(mode, cidrs=cidrs) if cidrs else None
+    if mode is DetectLocalMode.NODE_CIDR:
+        cidrs = tuple(c for c in node.pod_cidrs if ":" not in c)
+        return LocalTrafficDetector(mode, cidrs=cidrs) if cidrs else None
+    interface = (
+        config.pod_bridge_interface if mode is DetectLocalMode.BRIDGE_INTERFACE else config.pod_interface_name_prefix
+    )
+    return LocalTrafficDetector(mode, interface=interface) if interface else None

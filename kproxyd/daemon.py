@@ -13,15 +13,13 @@ from kproxyd.backends import Backend
 from kproxyd.config import ProxyConfig
 from kproxyd.healthcheck import HealthServer, ProxyHealth, parse_bind_address
 from kproxyd.k8s.client import build_api_client
-from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, SERVICES, Reflector
+from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, PROXY_LABEL_SELECTOR, SERVICES, Reflector
 from kproxyd.metrics import ProxyMetrics
 from kproxyd.sync import Proxier, SyncRunner
 from kproxyd.tracker import ProxyStateTracker
 
 log = structlog.get_logger(__name__)
 
-# kube-proxy's selector: Services (and their slices) another proxy owns, and headless ones, are not ours.
-PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 INFORMER_SYNC_TIMEOUT = 60.0
 
 

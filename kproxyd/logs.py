@@ -9,8 +9,8 @@ import structlog
 
 
 def configure_logging(verbosity: int = 0, json_format: bool = False) -> None:
-    """Configure structlog and the stdlib root logger (for libraries) to write to stderr."""
-    level = logging.DEBUG if verbosity >= 4 else logging.INFO
+    """Configure structlog and the stdlib root logger to write to stderr; verbosity < 0 shows warnings only."""
+    level = logging.DEBUG if verbosity >= 4 else logging.INFO if verbosity >= 0 else logging.WARNING
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_format else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -46,6 +46,9 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 # Every lab namespace: answer REJECTs at once, and never drop asymmetric pod/service paths.
 _COMMON_SYSCTLS = {
     "net.ipv4.icmp_ratelimit": 0,
+    # The global ICMP budget (per namespace on this kernel) also throttles REJECT answers under probing.
+    "net.ipv4.icmp_msgs_per_sec": 100000,
+    "net.ipv4.icmp_msgs_burst": 10000,
     "net.ipv4.conf.all.rp_filter": 0,
     "net.ipv4.conf.default.rp_filter": 0,
 }

@@ -1,0 +1,42 @@
+"""Fixtures for namespace tests: a lab cluster with kproxyd running on each node, per proxy mode."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kproxyd.lab.cluster import LabCluster
+
+PROXY_MODES = ["iptables"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/netns needs root and builds namespaces."""
+    for item in items:
+        if "/netns/" in str(item.fspath):
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("namespace tests need root (CI runs as root)")
+
+
+@pytest.fixture(scope="module", params=PROXY_MODES)
+def proxy_mode(request: pytest.FixtureRequest) -> str:
+    """The dataplane the module's lab runs."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def lab(proxy_mode: str) -> Iterator[LabCluster]:
+    """A 2-node lab, torn down after the module even when tests fail."""
+    with LabCluster(nodes=("node1", "node2")) as cluster:
+        cluster.mode = proxy_mode  # type: ignore[attr-defined]
+        yield cluster
+        if os.environ.get("KPROXYD_SHOW_LOGS"):
+            for node in ("node1", "node2"):
+                print(cluster.proxy_log(node))
