@@ -60,12 +60,8 @@ class LabCluster:
             raise
 
     def _build(self, nodes: Sequence[str], zones: Sequence[str | None]) -> None:
-        listener = socket_in_netns(self.net.lan.netns, socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.net.lan.ip, API_PORT))
-        listener.listen(64)
-        self.api = LabApiServer(self.store, sock=listener)
-        self.api.start()
+        self.start_api()
+        assert self.api is not None
         self.kubeconfig = self.workdir / "kubeconfig"
         write_kubeconfig(self.kubeconfig, self.api.url)
         self.controller.start()
@@ -86,10 +82,25 @@ class LabCluster:
         for name in list(self.proxies):
             self.stop_proxy(name)
         self.controller.stop()
+        self.stop_api()
+        self.net.close()
+
+    # The API server.
+
+    def start_api(self) -> None:
+        """Serve the store at 172.28.0.1:6443 inside the LAN namespace (again, after stop_api)."""
+        listener = socket_in_netns(self.net.lan.netns, socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.net.lan.ip, API_PORT))
+        listener.listen(64)
+        self.api = LabApiServer(self.store, sock=listener)
+        self.api.start()
+
+    def stop_api(self) -> None:
+        """Stop the API server as if it crashed: watches are cut, new connections refused."""
         if self.api is not None:
             self.api.stop()
             self.api = None
-        self.net.close()
 
     # Nodes and their proxies.
 
@@ -212,6 +223,19 @@ class LabCluster:
     def request(self, src: str, ip: str, port: int, proto: str = "TCP", timeout: float = 1.0) -> Reply:
         """One request from a host (node, pod or 'ext') to ip:port."""
         return self.net.request(src, ip, port, proto, timeout=timeout)
+
+    def http_get(self, src: str, ip: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """A plain HTTP GET from inside a host's namespace: (status, body)."""
+        sock = socket_in_netns(self.net.host(src).netns, socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect((ip, port))
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+        return int(head.split()[1]), body
 
     def answers(self, src: str, ip: str, port: int, proto: str = "TCP", count: int = 30,
                 timeout: float = 1.0) -> list[Reply | Exception]:

@@ -1,0 +1,147 @@
+"""The daemon as operators run it: bad API data, API server outages and 410s, restarts, cleanup, health."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kproxyd.lab.cluster import LabCluster, wait_until
+from kproxyd.lab.netlab import Reply
+
+
+def svc(name: str, app: str, **spec: Any) -> dict[str, Any]:
+    """A one-port Service selecting app=<app>."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec}}
+
+
+def reaches(lab: LabCluster, ip: str, pods: set[str], src: str = "client") -> bool:
+    """Every request from src to ip:80 is answered, by exactly the given pods."""
+    results = lab.answers(src, ip, 80, count=12, timeout=0.5)
+    return all(isinstance(r, Reply) for r in results) and {r.pod for r in results if isinstance(r, Reply)} == pods
+
+
+def refused(lab: LabCluster, ip: str, src: str = "client") -> bool:
+    """A connection to ip:80 is refused at once."""
+    try:
+        lab.request(src, ip, 80, timeout=0.5)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def healthz(lab: LabCluster, node: str = "node1") -> int:
+    """The status of a node's /healthz, 0 while nothing listens."""
+    try:
+        return lab.http_get(node, "127.0.0.1", 10256, "/healthz")[0]
+    except OSError:
+        return 0
+
+
+def kube_chains(lab: LabCluster, node: str = "node1") -> list[str]:
+    """The KUBE- chains and jump rules in a node's nat and filter tables."""
+    text = lab.iptables_save(node, "nat") + lab.iptables_save(node, "filter")
+    return [line for line in text.splitlines() if "KUBE-" in line]
+
+
+@pytest.fixture(scope="module")
+def cluster(lab: LabCluster) -> Iterator[LabCluster]:
+    """One node with kproxyd, a backend pod and a client pod."""
+    lab.add_pod("web-0", "node1", {"app": "web"})
+    lab.add_pod("client", "node1", {"app": "client"})
+    lab.create_service(svc("web", "web"))
+    lab.start_proxy("node1", [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
+    wait_until(lambda: reaches(lab, ip_of(lab, "web"), {"web-0"}), timeout=30, what="first sync")
+    yield lab
+
+
+def ip_of(lab: LabCluster, name: str) -> str:
+    return str(lab.service(name)["spec"]["clusterIP"])
+
+
+def test_malformed_objects_logged_and_skipped(cluster: LabCluster) -> None:
+    bad_service = svc("bad-port", "web", clusterIP="10.96.0.200", clusterIPs=["10.96.0.200"])
+    bad_service["spec"]["ports"][0]["port"] = 99999
+    cluster.store.put_raw("Service", bad_service)
+    cluster.create_service(svc("bad-slice", "nothing"))
+    cluster.store.put_raw("EndpointSlice", {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "bad-slice-x", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "bad-slice"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.300"]}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+    cluster.create_service(svc("after", "web"))
+    wait_until(lambda: reaches(cluster, ip_of(cluster, "after"), {"web-0"}), what="a Service created after bad ones")
+    assert reaches(cluster, ip_of(cluster, "web"), {"web-0"})
+    assert refused(cluster, ip_of(cluster, "bad-slice"))  # the slice was skipped: no endpoints
+    log = cluster.proxy_log("node1")
+    assert "invalid object skipped" in log
+    assert "default/bad-port" in log and "99999" in log
+    assert "default/bad-slice-x" in log and "10.244.1.300" in log
+    assert cluster.proxies["node1"].poll() is None  # still running
+
+
+def test_api_server_outage_keeps_rules_and_converges(cluster: LabCluster) -> None:
+    cluster.stop_api()
+    assert reaches(cluster, ip_of(cluster, "web"), {"web-0"})  # rules stay while the API is gone
+    cluster.add_pod("web-1", "node1", {"app": "web"})  # changes made while kproxyd cannot see them
+    cluster.create_service(svc("while-down", "web"))
+    cluster.start_api()
+    wait_until(lambda: reaches(cluster, ip_of(cluster, "while-down"), {"web-0", "web-1"}), timeout=60,
+               what="convergence after the API server came back")
+    assert reaches(cluster, ip_of(cluster, "web"), {"web-0", "web-1"})
+
+
+def test_too_old_resource_version_relists_without_flushing(cluster: LabCluster) -> None:
+    ip = ip_of(cluster, "while-down")
+    cluster.stop_api()
+    cluster.store.delete("Service", "default", "while-down")
+    cluster.store.compact()  # history gone: resuming the watch gets 410 Gone, so kproxyd must re-list
+    cluster.start_api()
+    wait_until(lambda: '"default/while-down:http' not in "\n".join(kube_chains(cluster)), timeout=60,
+               what="the deleted Service's rules to go after the re-list")
+    assert reaches(cluster, ip_of(cluster, "web"), {"web-0", "web-1"})
+    assert not reaches(cluster, ip, {"web-0", "web-1"})
+    assert "410" in cluster.proxy_log("node1") or "relist" in cluster.proxy_log("node1").replace("-", "")
+
+
+def test_healthz_livez_and_metrics(cluster: LabCluster) -> None:
+    node_ip = cluster.net.node("node1").ip
+    status, body = cluster.http_get("node1", node_ip, 10256, "/healthz")
+    assert status == 200
+    assert json.loads(body)["lastUpdated"]
+    assert cluster.http_get("node1", node_ip, 10256, "/livez")[0] == 200
+    status, metrics = cluster.http_get("node1", "127.0.0.1", 10249, "/metrics")
+    assert status == 200
+    for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket", "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                 "kubeproxy_sync_proxy_rules_endpoint_changes_total", "kubeproxy_sync_proxy_rules_service_changes_total"):
+        assert name in metrics
+
+
+def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> None:
+    web = ip_of(cluster, "web")
+    assert cluster.stop_proxy("node1") == 0
+    assert reaches(cluster, web, {"web-0", "web-1"})  # traffic flows while kproxyd is down
+    cluster.start_proxy("node1", [f"--proxy-mode={cluster.mode}"])  # type: ignore[attr-defined]
+    wait_until(lambda: healthz(cluster) == 200, timeout=30, what="healthz after restart")
+    assert reaches(cluster, web, {"web-0", "web-1"})
+    cluster.stop_proxy("node1")
+    cleanup = cluster.net.exec("node1", [*cluster.proxy_argv("node1"), "--cleanup"], check=False)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert kube_chains(cluster) == []
+    with pytest.raises(OSError):
+        cluster.request("client", web, 80, timeout=0.5)
+
+
+def test_bad_flag_is_a_clear_startup_error(cluster: LabCluster) -> None:
+    proc = subprocess.run([*cluster.proxy_argv("node1"), "--proxy-mode=userspace"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "--proxy-mode" in proc.stderr and "userspace" in proc.stderr
