@@ -13,14 +13,14 @@ import structlog
 from kproxyd.config import (
     ConfigError,
     ProxyConfig,
-    parse_detect_local_mode,
-    parse_log_format,
-    parse_masquerade_bit,
-    parse_mode,
     load_config_file,
     parse_bool,
     parse_cidrs,
+    parse_detect_local_mode,
     parse_duration,
+    parse_log_format,
+    parse_masquerade_bit,
+    parse_mode,
 )
 from kproxyd.logs import configure_logging
 
@@ -32,28 +32,51 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
     "master": ("master", str, "API server URL (overrides the kubeconfig's server)"),
     "hostname-override": ("hostname", lambda v: v.strip().lower(), "this node's name, instead of the hostname"),
     "proxy-mode": ("mode", parse_mode, "dataplane: iptables (default) or nftables"),
-    "cluster-cidr": ("cluster_cidrs", parse_cidrs, "pod network CIDRs (comma-separated); traffic from "
-                     "outside them to a cluster IP is masqueraded"),
-    "nodeport-addresses": ("nodeport_addresses", parse_cidrs, "CIDRs (or 'primary') of the node addresses "
-                           "that accept NodePort traffic; default all local addresses"),
+    "cluster-cidr": (
+        "cluster_cidrs",
+        parse_cidrs,
+        "pod network CIDRs (comma-separated); traffic from outside them to a cluster IP is masqueraded",
+    ),
+    "nodeport-addresses": (
+        "nodeport_addresses",
+        parse_cidrs,
+        "CIDRs (or 'primary') of the node addresses that accept NodePort traffic; default all local addresses",
+    ),
     "masquerade-all": ("masquerade_all", parse_bool, "SNAT all traffic sent to cluster IPs"),
-    "iptables-masquerade-bit": ("masquerade_bit", parse_masquerade_bit, "fwmark bit (0-31) marking packets to "
-                                "masquerade (default 14)"),
+    "iptables-masquerade-bit": (
+        "masquerade_bit",
+        parse_masquerade_bit,
+        "fwmark bit (0-31) marking packets to masquerade (default 14)",
+    ),
     "iptables-sync-period": ("sync_period", parse_duration, "period of full resyncs (default 30s)"),
-    "iptables-min-sync-period": ("min_sync_period", parse_duration, "minimum interval between syncs "
-                                 "(default 1s)"),
-    "iptables-localhost-nodeports": ("localhost_nodeports", parse_bool, "accept NodePort connections to "
-                                     "127.0.0.1 (default true)"),
-    "detect-local-mode": ("detect_local_mode", parse_detect_local_mode, "ClusterCIDR, NodeCIDR, BridgeInterface or "
-                          "InterfaceNamePrefix"),
+    "iptables-min-sync-period": ("min_sync_period", parse_duration, "minimum interval between syncs (default 1s)"),
+    "iptables-localhost-nodeports": (
+        "localhost_nodeports",
+        parse_bool,
+        "accept NodePort connections to 127.0.0.1 (default true)",
+    ),
+    "detect-local-mode": (
+        "detect_local_mode",
+        parse_detect_local_mode,
+        "ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+    ),
     "pod-bridge-interface": ("pod_bridge_interface", str, "bridge name for detect-local-mode BridgeInterface"),
-    "pod-interface-name-prefix": ("pod_interface_name_prefix", str, "interface prefix for "
-                                  "detect-local-mode InterfaceNamePrefix"),
+    "pod-interface-name-prefix": (
+        "pod_interface_name_prefix",
+        str,
+        "interface prefix for detect-local-mode InterfaceNamePrefix",
+    ),
     "bind-address": ("bind_address", str, "IP address the proxy serves on (default 0.0.0.0)"),
-    "healthz-bind-address": ("healthz_bind_address", str, "ip:port of /healthz and /livez (default "
-                             "0.0.0.0:10256; empty disables)"),
-    "metrics-bind-address": ("metrics_bind_address", str, "ip:port of /metrics (default 127.0.0.1:10249; "
-                             "empty disables)"),
+    "healthz-bind-address": (
+        "healthz_bind_address",
+        str,
+        "ip:port of /healthz and /livez (default 0.0.0.0:10256; empty disables)",
+    ),
+    "metrics-bind-address": (
+        "metrics_bind_address",
+        str,
+        "ip:port of /metrics (default 127.0.0.1:10249; empty disables)",
+    ),
     "v": ("verbosity", int, "log verbosity (4 or more: debug)"),
     "logging-format": ("log_format", parse_log_format, "text (default) or json"),
     "log-format": ("log_format", parse_log_format, "text (default) or json"),
@@ -63,14 +86,44 @@ _BOOL_FLAGS = {"masquerade-all", "iptables-localhost-nodeports", "cleanup"}
 
 # kube-proxy flags kproxyd accepts so existing manifests keep working, but does not act on.
 _ACCEPTED_FLAGS = (
-    "bind-address-hard-fail", "config-sync-period", "conntrack-max-per-core", "conntrack-min",
-    "conntrack-tcp-timeout-close-wait", "conntrack-tcp-timeout-established", "conntrack-tcp-be-liberal",
-    "conntrack-udp-timeout", "conntrack-udp-timeout-stream", "feature-gates", "healthz-port", "metrics-port",
-    "init-only", "ipvs-exclude-cidrs", "ipvs-min-sync-period", "ipvs-scheduler", "ipvs-strict-arp",
-    "ipvs-sync-period", "ipvs-tcp-timeout", "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "kube-api-burst",
-    "kube-api-content-type", "kube-api-qps", "oom-score-adj", "profiling", "proxy-port-range",
-    "show-hidden-metrics-for-version", "write-config-to", "log-flush-frequency", "vmodule", "log_dir",
-    "log-dir", "logtostderr", "alsologtostderr", "add-dir-header", "skip-headers", "one-output",
+    "bind-address-hard-fail",
+    "config-sync-period",
+    "conntrack-max-per-core",
+    "conntrack-min",
+    "conntrack-tcp-timeout-close-wait",
+    "conntrack-tcp-timeout-established",
+    "conntrack-tcp-be-liberal",
+    "conntrack-udp-timeout",
+    "conntrack-udp-timeout-stream",
+    "feature-gates",
+    "healthz-port",
+    "metrics-port",
+    "init-only",
+    "ipvs-exclude-cidrs",
+    "ipvs-min-sync-period",
+    "ipvs-scheduler",
+    "ipvs-strict-arp",
+    "ipvs-sync-period",
+    "ipvs-tcp-timeout",
+    "ipvs-tcpfin-timeout",
+    "ipvs-udp-timeout",
+    "kube-api-burst",
+    "kube-api-content-type",
+    "kube-api-qps",
+    "oom-score-adj",
+    "profiling",
+    "proxy-port-range",
+    "show-hidden-metrics-for-version",
+    "write-config-to",
+    "log-flush-frequency",
+    "vmodule",
+    "log_dir",
+    "log-dir",
+    "logtostderr",
+    "alsologtostderr",
+    "add-dir-header",
+    "skip-headers",
+    "one-output",
 )
 
 
@@ -98,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         const = "true" if flag in _BOOL_FLAGS else None
         parser.add_argument(f"--{flag}", dest=flag, nargs=nargs, const=const, default=None, help=help_text)
     for flag in _ACCEPTED_FLAGS:
-        parser.add_argument(f"--{flag}", dest=flag, nargs="?", const="true", default=None,
-                            help=argparse.SUPPRESS)
+        parser.add_argument(f"--{flag}", dest=flag, nargs="?", const="true", default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -151,14 +151,33 @@ _FILE_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "detectLocal.interfaceNamePrefix": ("pod_interface_name_prefix", str),
     "logging.format": ("log_format", parse_log_format),
     "logging.verbosity": ("verbosity", int),
+    "nftables.masqueradeAll": ("masquerade_all", parse_bool),
+    "nftables.masqueradeBit": ("masquerade_bit", parse_masquerade_bit),
+    "nftables.syncPeriod": ("sync_period", parse_duration),
+    "nftables.minSyncPeriod": ("min_sync_period", parse_duration),
 }
-_NFTABLES_FIELDS = {"nftables.masqueradeAll", "nftables.masqueradeBit", "nftables.syncPeriod",
-                    "nftables.minSyncPeriod"}
 _IGNORED_PREFIXES = ("ipvs.", "winkernel.", "conntrack.", "clientConnection.", "logging.", "featureGates.")
-_IGNORED = {"apiVersion", "kind", "bindAddressHardFail", "enableProfiling", "configSyncPeriod", "oomScoreAdj",
-            "portRange", "showHiddenMetricsForVersion", "udpIdleTimeout", "featureGates", "windowsRunAsService",
-            "ipvs", "winkernel", "conntrack", "logging", "detectLocal", "iptables", "nftables",
-            "clientConnection"}
+_IGNORED = {
+    "apiVersion",
+    "kind",
+    "bindAddressHardFail",
+    "enableProfiling",
+    "configSyncPeriod",
+    "oomScoreAdj",
+    "portRange",
+    "showHiddenMetricsForVersion",
+    "udpIdleTimeout",
+    "featureGates",
+    "windowsRunAsService",
+    "ipvs",
+    "winkernel",
+    "conntrack",
+    "logging",
+    "detectLocal",
+    "iptables",
+    "nftables",
+    "clientConnection",
+}
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -194,7 +213,7 @@ def load_config_file(path: str, base: ProxyConfig | None = None) -> ProxyConfig:
 
 def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyConfig:
     values: dict[str, Any] = {}
-    nftables = {path: v for path, v in flat.items() if path in _NFTABLES_FIELDS}
+    nftables: dict[str, Any] = {}  # nftables.* apply only when the mode is nftables
     for path, value in flat.items():
         if path in _FILE_FIELDS:
             target, parse = _FILE_FIELDS[path]
@@ -203,8 +222,9 @@ def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyCon
             except (ConfigError, ValueError, TypeError) as err:
                 raise ConfigError(f"config field {path}: {err}") from None
             if parsed is not None and not (parse is parse_duration and parsed == 0):
-                values[target] = parsed  # kube-proxy defaults zero durations, as it defaults nulls
-        elif path in _NFTABLES_FIELDS or path in ("apiVersion", "kind"):
+                # kube-proxy defaults zero durations, as it defaults nulls
+                (nftables if path.startswith("nftables.") else values)[target] = parsed
+        elif path in ("apiVersion", "kind"):
             continue
         elif path in _IGNORED or path.startswith(_IGNORED_PREFIXES):
             if not _is_unset(value) and value not in (0, False, "0", "0s"):
@@ -212,18 +232,7 @@ def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyCon
         else:
             raise ConfigError(f"unknown config field {path!r}")
     config = replace(config, **values)
-    if config.mode == "nftables":
-        config = _apply_nftables_fields(nftables, config)
-    return config
-
-
-def _apply_nftables_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyConfig:
-    names = {"nftables.masqueradeAll": ("masquerade_all", parse_bool),
-             "nftables.masqueradeBit": ("masquerade_bit", parse_masquerade_bit),
-             "nftables.syncPeriod": ("sync_period", parse_duration),
-             "nftables.minSyncPeriod": ("min_sync_period", parse_duration)}
-    values = {names[p][0]: names[p][1](v) for p, v in flat.items() if not _is_unset(v)}
-    return replace(config, **values)
+    return replace(config, **nftables) if config.mode == "nftables" else config
 
 
 def local_traffic_detector(config: ProxyConfig, node: NodeInfo) -> LocalTrafficDetector | None:
@@ -240,6 +249,8 @@ def local_traffic_detector(config: ProxyConfig, node: NodeInfo) -> LocalTrafficD
         cidrs = tuple(c for c in node.pod_cidrs if ":" not in c)
         return LocalTrafficDetector(mode, cidrs=cidrs) if cidrs else None
     interface = (
-        config.pod_bridge_interface if mode is DetectLocalMode.BRIDGE_INTERFACE else config.pod_interface_name_prefix
+        config.pod_bridge_interface
+        if mode is DetectLocalMode.BRIDGE_INTERFACE
+        else config.pod_interface_name_prefix
     )
     return LocalTrafficDetector(mode, interface=interface) if interface else None

@@ -9,8 +9,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kproxyd.plan import ServicePlan
 
-_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192,
-            16.384)
+_BUCKETS = (
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    2.048,
+    4.096,
+    8.192,
+    16.384,
+)
 
 
 class ProxyMetrics:
@@ -20,35 +35,51 @@ class ProxyMetrics:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.sync_duration = Histogram(
-            "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds",
-            buckets=_BUCKETS, registry=reg)
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            buckets=_BUCKETS,
+            registry=reg,
+        )
         self.full_sync_duration = Histogram(
-            "kubeproxy_sync_full_proxy_rules_duration_seconds", "Full SyncProxyRules latency in seconds",
-            buckets=_BUCKETS, registry=reg)
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "Full SyncProxyRules latency in seconds",
+            buckets=_BUCKETS,
+            registry=reg,
+        )
         self.partial_sync_duration = Histogram(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "Partial SyncProxyRules latency in seconds", buckets=_BUCKETS, registry=reg)
+            "Partial SyncProxyRules latency in seconds",
+            buckets=_BUCKETS,
+            registry=reg,
+        )
         self.last_sync_timestamp = Gauge(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "The last time proxy rules were successfully synced", registry=reg)
+            "The last time proxy rules were successfully synced",
+            registry=reg,
+        )
         self.last_queued_timestamp = Gauge(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued", registry=reg)
+            "The last time a sync of proxy rules was queued",
+            registry=reg,
+        )
         self.sync_failures = Counter(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy rules restore failures", registry=reg)
+            "Cumulative proxy rules restore failures",
+            registry=reg,
+        )
         self.endpoint_changes = Counter(
-            "kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes",
-            registry=reg)
+            "kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", registry=reg
+        )
         self.service_changes = Counter(
-            "kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes",
-            registry=reg)
-        self.services = Gauge(
-            "kproxyd_service_ports", "ServicePorts programmed by the last sync", registry=reg)
+            "kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", registry=reg
+        )
+        self.services = Gauge("kproxyd_service_ports", "ServicePorts programmed by the last sync", registry=reg)
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-            "Number of services with a Local traffic policy and no endpoints", ["traffic_policy"],
-            registry=reg)
+            "Number of services with a Local traffic policy and no endpoints",
+            ["traffic_policy"],
+            registry=reg,
+        )
 
     def record_changes(self, service_events: int, endpoint_events: int) -> None:
         """Count the API changes a sync consumed."""

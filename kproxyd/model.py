@@ -88,7 +88,7 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        """"ip:port", bracketed for IPv6, as kube-proxy writes it in comments and chain hashes."""
+        """ "ip:port", bracketed for IPv6, as kube-proxy writes it in comments and chain hashes."""
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 

@@ -124,9 +124,7 @@ def can_use_topology(endpoints: Sequence[Endpoint], node: NodeInfo) -> bool:
 
 def _cluster_endpoints(endpoints: Sequence[Endpoint], node: NodeInfo) -> tuple[Endpoint, ...]:
     topology = can_use_topology(endpoints, node)
-    ready = _select(
-        endpoints, lambda ep: ep.ready and (not topology or node.zone in (ep.zone_hints or ()))
-    )
+    ready = _select(endpoints, lambda ep: ep.ready and (not topology or node.zone in (ep.zone_hints or ())))
     return ready or _select(endpoints, lambda ep: ep.serving and ep.terminating)
 
 

@@ -32,7 +32,11 @@ def service(
 
 def endpoint(ip: str, node: str = "node1", ready: bool = True, **extra: Any) -> dict[str, Any]:
     """One entry of an EndpointSlice's endpoints."""
-    conditions = {"ready": ready, "serving": extra.pop("serving", ready), "terminating": extra.pop("terminating", False)}
+    conditions = {
+        "ready": ready,
+        "serving": extra.pop("serving", ready),
+        "terminating": extra.pop("terminating", False),
+    }
     return {"addresses": [ip], "conditions": conditions, "nodeName": node, **extra}
 
 

@@ -36,7 +36,7 @@ class ConvertedSlice:
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
-    """"namespace/name" (or "name" for cluster-scoped objects), best effort for logging bad objects."""
+    """ "namespace/name" (or "name" for cluster-scoped objects), best effort for logging bad objects."""
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         return "<no metadata>"

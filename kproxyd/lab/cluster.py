@@ -110,19 +110,29 @@ class LabCluster:
         labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}
         if zone:
             labels["topology.kubernetes.io/zone"] = zone
-        self.store.create("Node", {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
-                                     {"type": "Hostname", "address": name}]},
-        })
+        self.store.create(
+            "Node",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.ip},
+                        {"type": "Hostname", "address": name},
+                    ]
+                },
+            },
+        )
         return node
 
     def proxy_argv(self, node: str, extra: Iterable[str] = ()) -> list[str]:
         """The kproxyd command line for a node, with kube-proxy's flags."""
         return [
-            sys.executable, "-m", "kproxyd",
+            sys.executable,
+            "-m",
+            "kproxyd",
             f"--kubeconfig={self.kubeconfig}",
             f"--hostname-override={node}",
             f"--cluster-cidr={CLUSTER_CIDR}",
@@ -174,13 +184,21 @@ class LabCluster:
         tcp = [p["containerPort"] for p in ports if p.get("protocol", "TCP") == "TCP"]
         udp = [p["containerPort"] for p in ports if p.get("protocol") == "UDP"]
         pod = self.net.add_pod(node, name, tcp_ports=tcp, udp_ports=udp)
-        self.store.create("Pod", {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"nodeName": node, "containers": [{"name": "app", "ports": list(ports)}]},
-            "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}],
-                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
-        })
+        self.store.create(
+            "Pod",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "spec": {"nodeName": node, "containers": [{"name": "app", "ports": list(ports)}]},
+                "status": {
+                    "phase": "Running",
+                    "podIP": pod.ip,
+                    "podIPs": [{"ip": pod.ip}],
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                },
+            },
+        )
         return pod
 
     def add_deployment(
@@ -188,9 +206,7 @@ class LabCluster:
     ) -> list[LabPod]:
         """replicas pods named <name>-<i>, spread over the nodes round-robin."""
         spread = list(nodes or [n.name for n in self.net.nodes])
-        return [
-            self.add_pod(f"{name}-{i}", spread[i % len(spread)], labels, **pod) for i in range(replicas)
-        ]
+        return [self.add_pod(f"{name}-{i}", spread[i % len(spread)], labels, **pod) for i in range(replicas)]
 
     def delete_pod(self, name: str, namespace: str = "default") -> None:
         """Delete a pod's object (its endpoint goes away) and its namespace."""
@@ -237,7 +253,8 @@ class LabCluster:
         head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
         return int(head.split()[1]), body
 
-    def answers(self, src: str, ip: str, port: int, proto: str = "TCP", count: int = 30,
-                timeout: float = 1.0) -> list[Reply | Exception]:
+    def answers(
+        self, src: str, ip: str, port: int, proto: str = "TCP", count: int = 30, timeout: float = 1.0
+    ) -> list[Reply | Exception]:
         """count requests; each a Reply or the error it got."""
         return self.net.request_many(src, ip, port, proto, count=count, timeout=timeout)

@@ -6,6 +6,7 @@ import collections
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TextIO
 
 from kproxyd.lab.cluster import LabCluster, wait_until
@@ -19,7 +20,8 @@ def _service(name: str, selector: dict[str, str], port: int, target: int | str, 
     if "nodePort" in spec:
         port_spec["nodePort"] = spec.pop("nodePort")
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"selector": selector, "ports": [port_spec], **spec},
     }
@@ -54,10 +56,17 @@ class Demo:
 
     def endpoints(self, service: str) -> list[str]:
         """The endpoint addresses the controller published for a Service (what `kubectl get endpoints` shows)."""
-        slices = [s for s in self.lab.store.list("EndpointSlice")
-                  if s["metadata"].get("labels", {}).get("kubernetes.io/service-name") == service]
-        return sorted(f"{ep['addresses'][0]}" for s in slices for ep in s.get("endpoints") or []
-                      if ep.get("conditions", {}).get("ready", True))
+        slices = [
+            s
+            for s in self.lab.store.list("EndpointSlice")
+            if s["metadata"].get("labels", {}).get("kubernetes.io/service-name") == service
+        ]
+        return sorted(
+            f"{ep['addresses'][0]}"
+            for s in slices
+            for ep in s.get("endpoints") or []
+            if ep.get("conditions", {}).get("ready", True)
+        )
 
     def converge(self, check: Callable[[], object], what: str) -> None:
         """Wait until kproxyd has programmed a change, and say how long it took."""
@@ -71,8 +80,10 @@ class Demo:
         self.step("A 2-node cluster: nodes and pods are network namespaces; kproxyd runs on each node")
         for node in lab.net.nodes:
             lab.start_proxy(node.name)
-            self.say(f"   {node.name}: node IP {node.ip}, pod CIDR {node.pod_cidr}, kproxyd pid "
-                     f"{lab.proxies[node.name].pid}")
+            self.say(
+                f"   {node.name}: node IP {node.ip}, pod CIDR {node.pod_cidr}, kproxyd pid "
+                f"{lab.proxies[node.name].pid}"
+            )
         self.say(f"   API server: {lab.api.url if lab.api else '?'} (real list/watch protocol)")
 
         self.step("Deployment 'backend' (3 replicas, label app=backend, port 8080) + a client pod")
@@ -93,13 +104,16 @@ class Demo:
 
         self.step("NodePort Service 'frontend-service' on port 30080, reached from outside the cluster")
         lab.add_deployment("frontend", 2, {"app": "frontend"})
-        lab.create_service(_service("frontend-service", {"app": "frontend"}, 80, 8080, type="NodePort",
-                                    nodePort=30080))
+        lab.create_service(
+            _service("frontend-service", {"app": "frontend"}, 80, 8080, type="NodePort", nodePort=30080)
+        )
         for node in lab.net.nodes:
-            self.converge(lambda n=node: _answers(lab, "ext", n.ip, 30080), f"NodePort on {node.name}")
+            self.converge(partial(_answers, lab, "ext", node.ip, 30080), f"NodePort on {node.name}")
             reply = lab.request("ext", node.ip, 30080)
-            self.say(f"   ext ({lab.external.ip}) -> {node.ip}:30080 answered by {reply.pod}, which saw "
-                     f"source {reply.source_ip} (masqueraded to a node address)")
+            self.say(
+                f"   ext ({lab.external.ip}) -> {node.ip}:30080 answered by {reply.pod}, which saw "
+                f"source {reply.source_ip} (masqueraded to a node address)"
+            )
 
         self.step("Pod backend-0 deleted: its endpoint goes away and it gets no more traffic")
         lab.delete_pod("backend-0")

@@ -15,8 +15,12 @@ from kproxyd.lab.netlab import Reply
 
 def svc(name: str, app: str, **spec: Any) -> dict[str, Any]:
     """A one-port Service selecting app=<app>."""
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec},
+    }
 
 
 def reaches(lab: LabCluster, ip: str, pods: set[str], src: str = "client") -> bool:
@@ -70,15 +74,25 @@ def test_malformed_objects_logged_and_skipped(cluster: LabCluster) -> None:
     bad_service["spec"]["ports"][0]["port"] = 99999
     cluster.store.put_raw("Service", bad_service)
     cluster.create_service(svc("bad-slice", "nothing"))
-    cluster.store.put_raw("EndpointSlice", {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "bad-slice-x", "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "bad-slice"}},
-        "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.300"]}],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    })
+    cluster.store.put_raw(
+        "EndpointSlice",
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "bad-slice-x",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "bad-slice"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.300"]}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        },
+    )
     cluster.create_service(svc("after", "web"))
-    wait_until(lambda: reaches(cluster, ip_of(cluster, "after"), {"web-0"}), what="a Service created after bad ones")
+    wait_until(
+        lambda: reaches(cluster, ip_of(cluster, "after"), {"web-0"}), what="a Service created after bad ones"
+    )
     assert reaches(cluster, ip_of(cluster, "web"), {"web-0"})
     assert refused(cluster, ip_of(cluster, "bad-slice"))  # the slice was skipped: no endpoints
     log = cluster.proxy_log("node1")
@@ -94,8 +108,11 @@ def test_api_server_outage_keeps_rules_and_converges(cluster: LabCluster) -> Non
     cluster.add_pod("web-1", "node1", {"app": "web"})  # changes made while kproxyd cannot see them
     cluster.create_service(svc("while-down", "web"))
     cluster.start_api()
-    wait_until(lambda: reaches(cluster, ip_of(cluster, "while-down"), {"web-0", "web-1"}), timeout=60,
-               what="convergence after the API server came back")
+    wait_until(
+        lambda: reaches(cluster, ip_of(cluster, "while-down"), {"web-0", "web-1"}),
+        timeout=60,
+        what="convergence after the API server came back",
+    )
     assert reaches(cluster, ip_of(cluster, "web"), {"web-0", "web-1"})
 
 
@@ -105,8 +122,11 @@ def test_too_old_resource_version_relists_without_flushing(cluster: LabCluster) 
     cluster.store.delete("Service", "default", "while-down")
     cluster.store.compact()  # history gone: resuming the watch gets 410 Gone, so kproxyd must re-list
     cluster.start_api()
-    wait_until(lambda: '"default/while-down:http' not in "\n".join(kube_chains(cluster)), timeout=60,
-               what="the deleted Service's rules to go after the re-list")
+    wait_until(
+        lambda: '"default/while-down:http' not in "\n".join(kube_chains(cluster)),
+        timeout=60,
+        what="the deleted Service's rules to go after the re-list",
+    )
     assert reaches(cluster, ip_of(cluster, "web"), {"web-0", "web-1"})
     assert not reaches(cluster, ip, {"web-0", "web-1"})
     assert "410" in cluster.proxy_log("node1") or "relist" in cluster.proxy_log("node1").replace("-", "")
@@ -120,8 +140,12 @@ def test_healthz_livez_and_metrics(cluster: LabCluster) -> None:
     assert cluster.http_get("node1", node_ip, 10256, "/livez")[0] == 200
     status, metrics = cluster.http_get("node1", "127.0.0.1", 10249, "/metrics")
     assert status == 200
-    for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket", "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                 "kubeproxy_sync_proxy_rules_endpoint_changes_total", "kubeproxy_sync_proxy_rules_service_changes_total"):
+    for name in (
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+    ):
         assert name in metrics
 
 
@@ -141,7 +165,8 @@ def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> N
 
 
 def test_bad_flag_is_a_clear_startup_error(cluster: LabCluster) -> None:
-    proc = subprocess.run([*cluster.proxy_argv("node1"), "--proxy-mode=userspace"], capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        [*cluster.proxy_argv("node1"), "--proxy-mode=userspace"], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert "--proxy-mode" in proc.stderr and "userspace" in proc.stderr

@@ -24,10 +24,16 @@ BACKENDS = {"backend-0", "backend-1", "backend-2"}
 NODE_PORT = 30080
 
 
-def svc(name: str, ports: list[dict[str, Any]], selector: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+def svc(
+    name: str, ports: list[dict[str, Any]], selector: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
     """A Service in the default namespace."""
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"selector": selector or {"app": "backend"}, "ports": ports, **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": selector or {"app": "backend"}, "ports": ports, **spec},
+    }
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,20 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.create_service(svc("multi", [http, {"name": "metrics", "port": 90, "targetPort": 9090}]))
     lab.create_service(svc("dns", [{"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"}]))
     lab.create_service(svc("web-np", [{**http, "nodePort": NODE_PORT}], type="NodePort"))
-    lab.create_service(svc("empty", [http, {"name": "dns", "port": 53, "protocol": "UDP"}], selector={"app": "none"}))
-    lab.create_service(svc("empty-np", [{**http, "nodePort": NODE_PORT + 1}], selector={"app": "none"}, type="NodePort"))
+    lab.create_service(
+        svc("empty", [http, {"name": "dns", "port": 53, "protocol": "UDP"}], selector={"app": "none"})
+    )
+    lab.create_service(
+        svc("empty-np", [{**http, "nodePort": NODE_PORT + 1}], selector={"app": "none"}, type="NodePort")
+    )
     for node in ("node1", "node2"):
         lab.start_proxy(node, [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
     for src in ("client1", "client2"):  # one per node: each node's kproxyd has synced
-        wait_until(lambda s=src: _reply_or_none(lab, s, _ip(lab, "web", "cluster-ip")), timeout=30,
-                   what=f"kproxyd's first sync seen from {src}")
+        wait_until(
+            lambda s=src: _reply_or_none(lab, s, _ip(lab, "web", "cluster-ip")),
+            timeout=30,
+            what=f"kproxyd's first sync seen from {src}",
+        )
     yield lab
 
 
@@ -123,7 +136,9 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
     ip = _ip(cluster, flow.service, flow.via)
     results = cluster.answers(flow.src, ip, flow.port, flow.proto, count=40, timeout=1.0)
     if flow.expect == "refused":
-        assert all(isinstance(r, ConnectionRefusedError) for r in results), [r for r in results if not isinstance(r, ConnectionRefusedError)][:3]
+        assert all(isinstance(r, ConnectionRefusedError) for r in results), [
+            r for r in results if not isinstance(r, ConnectionRefusedError)
+        ][:3]
         return
     replies = [r for r in results if isinstance(r, Reply)]
     assert len(replies) == len(results), [r for r in results if not isinstance(r, Reply)][:3]
@@ -137,12 +152,23 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
 def test_endpoint_removed_is_never_chosen_again(cluster: LabCluster) -> None:
     cluster.add_pod("gone-0", "node1", {"app": "gone"})
     cluster.add_pod("gone-1", "node2", {"app": "gone"})
-    ip = cluster.create_service(svc("gone", [{"name": "http", "port": 80, "targetPort": 8080}], selector={"app": "gone"}))["spec"]["clusterIP"]
-    wait_until(lambda: {r.pod for r in cluster.answers("client1", ip, 80, count=20) if isinstance(r, Reply)} == {"gone-0", "gone-1"},
-               timeout=20, what="both endpoints")
+    ip = cluster.create_service(
+        svc("gone", [{"name": "http", "port": 80, "targetPort": 8080}], selector={"app": "gone"})
+    )["spec"]["clusterIP"]
+    wait_until(
+        lambda: (
+            {r.pod for r in cluster.answers("client1", ip, 80, count=20) if isinstance(r, Reply)}
+            == {"gone-0", "gone-1"}
+        ),
+        timeout=20,
+        what="both endpoints",
+    )
     cluster.delete_pod("gone-1")
-    wait_until(lambda: all(isinstance(r, Reply) for r in cluster.answers("client2", ip, 80, count=5, timeout=0.5)),
-               timeout=20, what="convergence after removal")
+    wait_until(
+        lambda: all(isinstance(r, Reply) for r in cluster.answers("client2", ip, 80, count=5, timeout=0.5)),
+        timeout=20,
+        what="convergence after removal",
+    )
     results = cluster.answers("client2", ip, 80, count=40)
     assert all(isinstance(r, Reply) and r.pod == "gone-0" for r in results), results[:3]
 
@@ -150,13 +176,21 @@ def test_endpoint_removed_is_never_chosen_again(cluster: LabCluster) -> None:
 def test_not_ready_pod_gets_no_traffic_until_ready(cluster: LabCluster) -> None:
     cluster.add_pod("flaky-0", "node2", {"app": "flaky"})
     cluster.add_pod("flaky-1", "node1", {"app": "flaky"}, ready=False)
-    ip = cluster.create_service(svc("flaky", [{"name": "http", "port": 80, "targetPort": 8080}], selector={"app": "flaky"}))["spec"]["clusterIP"]
-    wait_until(lambda: all(isinstance(r, Reply) for r in cluster.answers("client1", ip, 80, count=5, timeout=0.5)),
-               timeout=20, what="flaky service")
+    ip = cluster.create_service(
+        svc("flaky", [{"name": "http", "port": 80, "targetPort": 8080}], selector={"app": "flaky"})
+    )["spec"]["clusterIP"]
+    wait_until(
+        lambda: all(isinstance(r, Reply) for r in cluster.answers("client1", ip, 80, count=5, timeout=0.5)),
+        timeout=20,
+        what="flaky service",
+    )
     assert {r.pod for r in cluster.answers("client1", ip, 80, count=30) if isinstance(r, Reply)} == {"flaky-0"}
     cluster.set_pod_ready("flaky-1", True)
-    wait_until(lambda: "flaky-1" in {r.pod for r in cluster.answers("client1", ip, 80, count=20) if isinstance(r, Reply)},
-               timeout=20, what="flaky-1 becoming an endpoint")
+    wait_until(
+        lambda: "flaky-1" in {r.pod for r in cluster.answers("client1", ip, 80, count=20) if isinstance(r, Reply)},
+        timeout=20,
+        what="flaky-1 becoming an endpoint",
+    )
 
 
 def test_iptables_save_reads_like_kube_proxy(cluster: LabCluster) -> None:

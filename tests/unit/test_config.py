@@ -68,7 +68,9 @@ winkernel:
 """
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("1m0s", 60), ("500ms", 0.5), ("1h2m3s", 3723), ("2", 2)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("1m0s", 60), ("500ms", 0.5), ("1h2m3s", 3723), ("2", 2)]
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
@@ -79,20 +81,41 @@ def test_bad_duration() -> None:
 
 
 def test_kube_proxy_flags() -> None:
-    config = parse_config([
-        "--kubeconfig=/k", "--hostname-override", "Node-1", "-v=4", "--masquerade-all",
-        "--iptables-sync-period=1m", "--iptables-min-sync-period", "100ms", "--cluster-cidr=10.244.0.0/16",
-        "--nodeport-addresses=172.28.0.0/24", "--iptables-masquerade-bit=13", "--proxy-mode=iptables",
-        "--detect-local-mode=ClusterCIDR", "--healthz-bind-address=0.0.0.0:10256", "--conntrack-min=0",
-    ])
+    config = parse_config(
+        [
+            "--kubeconfig=/k",
+            "--hostname-override",
+            "Node-1",
+            "-v=4",
+            "--masquerade-all",
+            "--iptables-sync-period=1m",
+            "--iptables-min-sync-period",
+            "100ms",
+            "--cluster-cidr=10.244.0.0/16",
+            "--nodeport-addresses=172.28.0.0/24",
+            "--iptables-masquerade-bit=13",
+            "--proxy-mode=iptables",
+            "--detect-local-mode=ClusterCIDR",
+            "--healthz-bind-address=0.0.0.0:10256",
+            "--conntrack-min=0",
+        ]
+    )
     assert config.kubeconfig == "/k" and config.hostname == "node-1" and config.verbosity == 4
     assert config.masquerade_all and config.sync_period == 60 and config.min_sync_period == 0.1
     assert config.cluster_cidrs == ("10.244.0.0/16",) and config.nodeport_addresses == ("172.28.0.0/24",)
     assert config.masquerade_bit == 13 and config.detect_local_mode is DetectLocalMode.CLUSTER_CIDR
 
 
-@pytest.mark.parametrize("flag", ["--proxy-mode=userspace", "--iptables-masquerade-bit=40", "--cluster-cidr=nope",
-                                  "--detect-local-mode=Magic", "--masquerade-all=maybe"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--proxy-mode=userspace",
+        "--iptables-masquerade-bit=40",
+        "--cluster-cidr=nope",
+        "--detect-local-mode=Magic",
+        "--masquerade-all=maybe",
+    ],
+)
 def test_bad_flag_is_an_error_naming_it(flag: str) -> None:
     with pytest.raises(ConfigError, match=flag.split("=")[0]):
         parse_config([flag])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ from tests.factories import endpoint, endpoint_slice, node, service
 
 
 def test_cluster_ip_service_ports() -> None:
-    converted = convert_service(service(ports=[{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]))
+    converted = convert_service(
+        service(ports=[{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}])
+    )
     assert converted.key == "ns/svc"
     http, dns = converted.ports
     assert http.name == ServicePortName("ns", "svc", "http", Protocol.TCP)
@@ -37,14 +40,20 @@ def test_node_port_and_policies() -> None:
 
 
 def test_cluster_ip_service_ignores_node_port_and_local_policy() -> None:
-    (port,) = convert_service(service(externalTrafficPolicy="Local", ports=[{"port": 80, "nodePort": 30080}])).ports
+    (port,) = convert_service(
+        service(externalTrafficPolicy="Local", ports=[{"port": 80, "nodePort": 30080}])
+    ).ports
     assert port.node_port is None
     assert not port.external_policy_local
 
 
 def test_load_balancer_ingress_and_proxy_ip_mode() -> None:
     obj = service(type="LoadBalancer", ports=[{"port": 80, "nodePort": 30080}])
-    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2", "ipMode": "Proxy"}, {"hostname": "lb"}]}}
+    obj["status"] = {
+        "loadBalancer": {
+            "ingress": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2", "ipMode": "Proxy"}, {"hostname": "lb"}]
+        }
+    }
     (port,) = convert_service(obj).ports
     assert port.load_balancer_ips == ("192.0.2.1",)
 
@@ -60,7 +69,9 @@ def test_bad_external_ip_dropped_with_warning() -> None:
     assert any("not-an-ip" in w for w in converted.warnings)
 
 
-@pytest.mark.parametrize("obj", [service(cluster_ip="None"), service(type="ExternalName", cluster_ip=""), service(cluster_ip="")])
+@pytest.mark.parametrize(
+    "obj", [service(cluster_ip="None"), service(type="ExternalName", cluster_ip=""), service(cluster_ip="")]
+)
 def test_headless_external_name_and_unallocated_program_nothing(obj: dict[str, Any]) -> None:
     assert convert_service(obj).ports == ()
 
@@ -87,7 +98,10 @@ def test_malformed_service_rejected_with_reason(mutate: Any, reason: str) -> Non
 
 def test_slice_endpoints_per_port() -> None:
     obj = endpoint_slice(
-        endpoints=[endpoint("10.244.1.2"), endpoint("10.244.2.2", node="node2", ready=False, serving=True, terminating=True)],
+        endpoints=[
+            endpoint("10.244.1.2"),
+            endpoint("10.244.2.2", node="node2", ready=False, serving=True, terminating=True),
+        ],
         ports=[{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}],
     )
     converted = convert_endpoint_slice(obj)
@@ -137,7 +151,11 @@ def test_node() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12) | st.sampled_from(["10.96.0.1", "TCP", "None", "Local"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 70000)
+    | st.text(max_size=12)
+    | st.sampled_from(["10.96.0.1", "TCP", "None", "Local"]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
@@ -157,8 +175,20 @@ def _mutations(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         target[path[-1]] = value
         return obj
 
-    paths = st.sampled_from([["spec"], ["spec", "ports"], ["spec", "clusterIP"], ["spec", "type"], ["metadata"],
-                             ["endpoints"], ["ports"], ["addressType"], ["status"], ["spec", "externalIPs"]])
+    paths = st.sampled_from(
+        [
+            ["spec"],
+            ["spec", "ports"],
+            ["spec", "clusterIP"],
+            ["spec", "type"],
+            ["metadata"],
+            ["endpoints"],
+            ["ports"],
+            ["addressType"],
+            ["status"],
+            ["spec", "externalIPs"],
+        ]
+    )
     return st.tuples(paths, json_values).map(put)
 
 
@@ -167,7 +197,5 @@ def _mutations(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
 def test_fuzzed_objects_convert_or_fail_cleanly(obj: dict[str, Any]) -> None:
     """Whatever the API sends, conversion either succeeds or raises ConversionError — never anything else."""
     for convert in (convert_service, convert_endpoint_slice, convert_node):
-        try:
+        with contextlib.suppress(ConversionError):
             convert(obj)
-        except ConversionError:
-            pass

@@ -11,15 +11,31 @@ from kproxyd.plan import Verdict, can_use_topology, changed_plans, plan_service_
 
 NODE = NodeInfo(name="node1", labels={"topology.kubernetes.io/zone": "a"})
 PORT = ServicePort(
-    name=ServicePortName("ns", "svc", "http", Protocol.TCP), type=ServiceType.NODE_PORT,
-    cluster_ips=("10.96.0.10",), port=80, node_port=30080,
+    name=ServicePortName("ns", "svc", "http", Protocol.TCP),
+    type=ServiceType.NODE_PORT,
+    cluster_ips=("10.96.0.10",),
+    port=80,
+    node_port=30080,
 )
 
 
-def ep(ip: str, node: str = "node1", ready: bool = True, serving: bool | None = None, terminating: bool = False,
-       hints: frozenset[str] | None = None) -> Endpoint:
-    return Endpoint(ip=ip, port=8080, ready=ready, serving=ready if serving is None else serving,
-                    terminating=terminating, node_name=node, zone_hints=hints)
+def ep(
+    ip: str,
+    node: str = "node1",
+    ready: bool = True,
+    serving: bool | None = None,
+    terminating: bool = False,
+    hints: frozenset[str] | None = None,
+) -> Endpoint:
+    return Endpoint(
+        ip=ip,
+        port=8080,
+        ready=ready,
+        serving=ready if serving is None else serving,
+        terminating=terminating,
+        node_name=node,
+        zone_hints=hints,
+    )
 
 
 LOCAL, REMOTE = ep("10.244.1.2"), ep("10.244.2.2", node="node2")
@@ -42,17 +58,37 @@ def ips(endpoints: tuple[Endpoint, ...]) -> list[str]:
         ({}, [REMOTE, REMOTE_TERMINATING], ["10.244.2.2"], ["10.244.2.2"], None, None),
         ({}, [REMOTE_TERMINATING, NOT_SERVING], ["10.244.2.3"], ["10.244.2.3"], None, None),
         # externalTrafficPolicy Local: external traffic to this node's endpoints, DROP when it has none.
-        ({"external_policy_local": True}, [LOCAL, REMOTE], ["10.244.1.2", "10.244.2.2"], ["10.244.1.2"], None, None),
+        (
+            {"external_policy_local": True},
+            [LOCAL, REMOTE],
+            ["10.244.1.2", "10.244.2.2"],
+            ["10.244.1.2"],
+            None,
+            None,
+        ),
         ({"external_policy_local": True}, [REMOTE], ["10.244.2.2"], [], None, Verdict.DROP),
         ({"external_policy_local": True}, [LOCAL_TERMINATING, REMOTE], ["10.244.2.2"], ["10.244.1.3"], None, None),
         # internalTrafficPolicy Local.
-        ({"internal_policy_local": True}, [LOCAL, REMOTE], ["10.244.1.2"], ["10.244.1.2", "10.244.2.2"], None, None),
+        (
+            {"internal_policy_local": True},
+            [LOCAL, REMOTE],
+            ["10.244.1.2"],
+            ["10.244.1.2", "10.244.2.2"],
+            None,
+            None,
+        ),
         ({"internal_policy_local": True}, [REMOTE], [], ["10.244.2.2"], Verdict.DROP, None),
         ({"internal_policy_local": True}, [], [], [], Verdict.REJECT, Verdict.REJECT),
     ],
 )
-def test_categorize(policy: dict[str, bool], endpoints: list[Endpoint], internal: list[str], external: list[str],
-                    internal_verdict: Verdict | None, external_verdict: Verdict | None) -> None:
+def test_categorize(
+    policy: dict[str, bool],
+    endpoints: list[Endpoint],
+    internal: list[str],
+    external: list[str],
+    internal_verdict: Verdict | None,
+    external_verdict: Verdict | None,
+) -> None:
     plan = plan_service_port(replace(PORT, **policy), endpoints, NODE)
     assert ips(plan.internal_endpoints) == internal
     assert ips(plan.external_endpoints) == external
@@ -83,7 +119,10 @@ def test_duplicates_merged_and_sorted() -> None:
     [
         ([ep("10.244.1.2", hints=frozenset("a")), ep("10.244.2.2", hints=frozenset("b"))], True),
         ([ep("10.244.1.2", hints=frozenset("a")), ep("10.244.2.2")], False),  # one endpoint lacks hints
-        ([ep("10.244.1.2", hints=frozenset("b")), ep("10.244.2.2", hints=frozenset("b"))], False),  # none for zone a
+        (
+            [ep("10.244.1.2", hints=frozenset("b")), ep("10.244.2.2", hints=frozenset("b"))],
+            False,
+        ),  # none for zone a
         ([ep("10.244.1.2", hints=frozenset("a")), ep("10.244.2.2", ready=False)], True),  # unready ignored
     ],
 )

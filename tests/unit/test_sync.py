@@ -25,8 +25,9 @@ class RecordingBackend:
         self.calls: list[tuple[set[ServicePortName], set[ServicePortName] | None]] = []
         self.fail = False
 
-    def apply(self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None,
-              node: NodeInfo) -> None:
+    def apply(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
+    ) -> None:
         if self.fail:
             raise RuntimeError("kernel said no")
         self.calls.append((set(plans), changed))
@@ -54,7 +55,9 @@ def test_first_sync_full_then_no_op(setup: tuple[ProxyStateTracker, RecordingBac
     assert len(backend.calls) == 1  # a sync with no change sends nothing
 
 
-def test_partial_sync_names_only_the_changed_port(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+def test_partial_sync_names_only_the_changed_port(
+    setup: tuple[ProxyStateTracker, RecordingBackend, Proxier],
+) -> None:
     tracker, backend, proxier = setup
     proxier.sync()
     tracker.upsert(ENDPOINT_SLICE, endpoint_slice(service_name="a", endpoints=[endpoint("10.244.1.9")]))
@@ -74,7 +77,9 @@ def test_deleted_service_leaves_plans(setup: tuple[ProxyStateTracker, RecordingB
     assert {n.name for n in changed or ()} == {"b"}
 
 
-def test_failed_apply_keeps_last_plans_and_retries_full(setup: tuple[ProxyStateTracker, RecordingBackend, Proxier]) -> None:
+def test_failed_apply_keeps_last_plans_and_retries_full(
+    setup: tuple[ProxyStateTracker, RecordingBackend, Proxier],
+) -> None:
     tracker, backend, proxier = setup
     proxier.sync()
     before = dict(proxier.plans)

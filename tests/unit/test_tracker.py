@@ -30,7 +30,9 @@ def test_first_changes_are_full() -> None:
 def test_service_and_slice_merge(tracker: ProxyStateTracker) -> None:
     tracker.upsert(SERVICE, service())
     tracker.upsert(ENDPOINT_SLICE, endpoint_slice(endpoints=[endpoint("10.244.1.2"), endpoint("10.244.2.2")]))
-    tracker.upsert(ENDPOINT_SLICE, endpoint_slice(name="svc-2", endpoints=[endpoint("10.244.2.2"), endpoint("10.244.3.2")]))
+    tracker.upsert(
+        ENDPOINT_SLICE, endpoint_slice(name="svc-2", endpoints=[endpoint("10.244.2.2"), endpoint("10.244.3.2")])
+    )
     changes = tracker.take_changes()
     assert not changes.full
     view = changes.services["ns/svc"]
