@@ -1,0 +1,192 @@
+"""The iptables backend's contact with the kernel: iptables-restore, -save and kube-proxy's jump rules.
+
+Thin on purpose: every rule text comes from render.py or from JUMPS below; this module only runs the
+iptables binaries of one variant (legacy or nft), in this namespace or behind a command prefix such as
+("ip", "netns", "exec", NAME).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from kproxyd.backends.iptables.names import (
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_NODEPORTS,
+    KUBE_POSTROUTING,
+    KUBE_PROXY_CANARY,
+    KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
+    is_kproxyd_chain,
+)
+
+log = structlog.get_logger(__name__)
+
+Variant = Literal["legacy", "nft"]
+
+_CTSTATE_NEW = ("-m", "conntrack", "--ctstate", "NEW")
+_LINE_NUMBER = re.compile(r"line:? (\d+)")
+_CANARY_TABLES = ("mangle", "nat", "filter")
+_TABLES = ("filter", "nat", "mangle")
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A rule in a built-in chain that sends traffic into one of ours (kube-proxy's iptablesJumpChains)."""
+
+    table: str
+    source: str
+    target: str
+    comment: str
+    extra: tuple[str, ...] = ()
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The rule's arguments after the chain name, as kube-proxy spells them."""
+        return (*self.extra, "-m", "comment", "--comment", self.comment, "-j", self.target)
+
+
+JUMPS = (
+    Jump("filter", "INPUT", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _CTSTATE_NEW),
+    Jump(
+        "filter", "FORWARD", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _CTSTATE_NEW
+    ),
+    Jump("filter", "INPUT", KUBE_NODEPORTS, "kubernetes health check service ports"),
+    Jump("filter", "FORWARD", KUBE_SERVICES, "kubernetes service portals", _CTSTATE_NEW),
+    Jump("filter", "OUTPUT", KUBE_SERVICES, "kubernetes service portals", _CTSTATE_NEW),
+    Jump("filter", "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules"),
+    Jump("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
+    Jump("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
+    Jump("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
+    Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
+)
+
+
+class IptablesError(RuntimeError):
+    """An iptables command failed."""
+
+
+class IptablesRestoreError(IptablesError):
+    """iptables-restore refused its input; nothing of it was applied."""
+
+    def __init__(self, stderr: str, line: int | None, line_text: str | None) -> None:
+        """Keep iptables' message and the offending input line, when it named one."""
+        super().__init__(f"iptables-restore failed at line {line}: {line_text!r}: {stderr.strip()}")
+        self.stderr = stderr
+        self.line = line
+        self.line_text = line_text
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+
+
+def _count_kube_rules(save_output: str) -> int:
+    return sum(1 for line in save_output.splitlines() if line.startswith("-") and "kube-" in line.lower())
+
+
+def detect_iptables_variant(
+    prefix: Sequence[str] = (),
+    legacy_save: str = "iptables-legacy-save",
+    nft_save: str = "iptables-nft-save",
+    iptables: str = "iptables",
+) -> Variant:
+    """The variant the node already uses, as kube-proxy's iptables-wrapper decides it.
+
+    The variant holding more KUBE-/kube- rules wins (legacy on a tie); with none anywhere, nft when
+    `iptables --version` says "(nf_tables)", else legacy.
+    """
+    counts = {
+        variant: _count_kube_rules(_run([*prefix, binary]).stdout)
+        for variant, binary in (("legacy", legacy_save), ("nft", nft_save))
+    }
+    if counts["legacy"] or counts["nft"]:
+        variant: Variant = "nft" if counts["nft"] > counts["legacy"] else "legacy"
+    else:
+        variant = "nft" if "nf_tables" in _run([*prefix, iptables, "--version"]).stdout else "legacy"
+    log.info("iptables variant detected", variant=variant, kube_rules=counts)
+    return variant
+
+
+class IptablesKernel:
+    """Runs one iptables variant's binaries, optionally behind a command prefix (e.g. ip netns exec)."""
+
+    def __init__(self, variant: Variant, prefix: Sequence[str] = ()) -> None:
+        """Use iptables-<variant>, -restore and -save, each run as prefix + argv."""
+        self.variant = variant
+        self._prefix = tuple(prefix)
+        self._iptables = f"iptables-{variant}"
+
+    def restore(self, text: str) -> None:
+        """Apply a render with iptables-restore --noflush; atomic per table, raises on refusal."""
+        proc = _run([*self._prefix, f"iptables-{self.variant}-restore", "--noflush", "--wait"], text)
+        if proc.returncode == 0:
+            return
+        match = _LINE_NUMBER.search(proc.stderr)
+        line = int(match.group(1)) if match else None
+        lines = text.splitlines()
+        line_text = lines[line - 1] if line is not None and 0 < line <= len(lines) else None
+        log.error("iptables-restore failed", line=line, line_text=line_text, stderr=proc.stderr.strip())
+        raise IptablesRestoreError(proc.stderr, line, line_text)
+
+    def save(self, table: str | None = None) -> str:
+        """iptables-save output of one table, or of all tables."""
+        argv = [*self._prefix, f"iptables-{self.variant}-save"]
+        return self._check([*argv, "-t", table] if table else argv).stdout
+
+    def list_chains(self) -> set[str]:
+        """Every kproxyd chain present in any table (what a full render may find and clean up)."""
+        return {
+            line[1:].split(" ", 1)[0]
+            for line in self.save().splitlines()
+            if line.startswith(":") and is_kproxyd_chain(line[1:].split(" ", 1)[0])
+        }
+
+    def ensure_jumps(self) -> None:
+        """Create the canary chains and kube-proxy's jumps from built-in chains, each exactly once."""
+        for table in _CANARY_TABLES:
+            self._ensure_chain(table, KUBE_PROXY_CANARY)
+        for jump in JUMPS:
+            self._ensure_chain(jump.table, jump.target)
+            if not self._has_rule(jump):
+                self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-I", jump.source, *jump.args])
+
+    def cleanup(self) -> None:
+        """Remove our jumps and every kproxyd chain from filter, nat and mangle; leave the rest alone."""
+        for jump in JUMPS:
+            while self._has_rule(jump):
+                self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-D", jump.source, *jump.args])
+        sections: list[str] = []
+        for table in _TABLES:
+            chains = sorted(
+                line[1:].split(" ", 1)[0] for line in self.save(table).splitlines() if line.startswith(":")
+            )
+            ours = [chain for chain in chains if is_kproxyd_chain(chain)]
+            if ours:
+                sections += [f"*{table}", *(f":{c} - [0:0]" for c in ours), *(f"-X {c}" for c in ours), "COMMIT"]
+        if sections:
+            self.restore("\n".join([*sections, ""]))
+        log.info("iptables rules cleaned up", variant=self.variant)
+
+    def _ensure_chain(self, table: str, chain: str) -> None:
+        proc = _run([*self._prefix, self._iptables, "-w", "-t", table, "-N", chain])
+        if proc.returncode not in (0, 1):  # 1: the chain exists already
+            raise IptablesError(f"iptables -t {table} -N {chain}: {proc.stderr.strip()}")
+
+    def _has_rule(self, jump: Jump) -> bool:
+        argv = [*self._prefix, self._iptables, "-w", "-t", jump.table, "-C", jump.source, *jump.args]
+        return _run(argv).returncode == 0
+
+    def _check(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        proc = _run(argv)
+        if proc.returncode != 0:
+            raise IptablesError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+        return proc
