@@ -42,5 +42,8 @@ netns: setup
 test: lint
 	$(PY) -m pytest -q -ra
 
+bench: setup
+	$(PY) bench/iptables_sync.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
