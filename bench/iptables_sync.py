@@ -1,12 +1,15 @@
-"""Benchmark the iptables backend: render and iptables-restore of N Services x 3 endpoints, full and partial.
+"""Benchmark the iptables backend's syncs of N Services x 3 endpoints: cold full, full resync, partial.
 
-Run as root: .venv/bin/python bench/iptables_sync.py [N ...]. Every restore goes into a fresh network
-namespace that is deleted afterwards; results are printed and written to bench/results/iptables_sync.json.
+Run as root: .venv/bin/python bench/iptables_sync.py [N ...]. Every sync runs in a fresh network namespace
+that is deleted afterwards; results are printed and written to bench/results/iptables_sync.json. "single"
+is one restore per sync (batch_chains=None), "batched" the backend's default; nft "single" runs only up
+to SINGLE_NFT_MAX Services (10k took 508 s cold).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -18,23 +21,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from kproxyd.backends.iptables.backend import DEFAULT_BATCH_CHAINS, IptablesBackend
 from kproxyd.backends.iptables.kernel import IptablesKernel, Variant
-from kproxyd.backends.iptables.render import IptablesRenderer, IptablesRenderOptions, RenderResult
-from kproxyd.model import (
-    DetectLocalMode,
-    Endpoint,
-    LocalTrafficDetector,
-    NodeInfo,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    ServiceType,
-)
+from kproxyd.config import ProxyConfig
+from kproxyd.model import Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, ServiceType
 from kproxyd.plan import ServicePlan, plan_service_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "iptables_sync.json"
 NODE = NodeInfo("node1")
-OPTIONS = IptablesRenderOptions(local_detector=LocalTrafficDetector(DetectLocalMode.CLUSTER_CIDR, ("10.0.0.0/8",)))
+CONFIG = ProxyConfig(cluster_cidrs=("10.0.0.0/8",))
+SINGLE_NFT_MAX = 2000
 
 
 def make_plans(n: int) -> dict[ServicePortName, ServicePlan]:
@@ -66,67 +64,76 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-def timed_render(
-    renderer: IptablesRenderer,
-    plans: dict[ServicePortName, ServicePlan],
-    changed: set[ServicePortName] | None,
-    existing: frozenset[str],
-) -> tuple[RenderResult, float]:
-    start = time.perf_counter()
-    result = renderer.render(plans, changed, existing)
-    return result, time.perf_counter() - start
+class TimedKernel(IptablesKernel):
+    """An IptablesKernel counting its restores, their time and their input size."""
+
+    def __init__(self, variant: Variant, prefix: tuple[str, ...]) -> None:
+        """Start with zero counts."""
+        super().__init__(variant, prefix)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counts before the next sync."""
+        self.restores, self.restore_s, self.bytes = 0, 0.0, 0
+
+    def restore(self, text: str) -> None:
+        """Restore and count."""
+        start = time.perf_counter()
+        super().restore(text)
+        self.restores += 1
+        self.restore_s += time.perf_counter() - start
+        self.bytes += len(text.encode())
 
 
-def timed_restore(kernel: IptablesKernel, text: str) -> float:
-    start = time.perf_counter()
-    kernel.restore(text)
-    return time.perf_counter() - start
-
-
-def measure(n: int, variant: Variant) -> dict[str, Any]:
-    """Full sync into an empty namespace, then a partial sync of one changed Service on top."""
+def measure(n: int, variant: Variant, batch_chains: int | None) -> dict[str, Any]:
+    """A cold full sync into an empty namespace, a full resync, then a partial sync of one Service."""
     plans = make_plans(n)
-    renderer = IptablesRenderer(OPTIONS)
-    full, full_render = timed_render(renderer, plans, None, frozenset())
     changed = next(iter(plans))
-    port = plans[changed].port
-    endpoints = [*plans[changed].cluster_policy_endpoints, Endpoint("10.9.9.9", 8080)]
+    port, endpoints = plans[changed].port, [*plans[changed].cluster_policy_endpoints, Endpoint("10.9.9.9", 8080)]
     after = {**plans, changed: plan_service_port(replace(port, port=81), endpoints, NODE)}
-    partial, partial_render = timed_render(renderer, after, {changed}, full.chains)
+    syncs = (("cold", plans, None), ("resync", plans, None), ("partial", after, {changed}))
+    result: dict[str, Any] = {"services": n, "endpoints": 3 * n, "variant": variant}
+    result["mode"] = "single" if batch_chains is None else f"batched({batch_chains} chains)"
     with netns() as ns:
-        kernel = IptablesKernel(variant, prefix=("ip", "netns", "exec", ns))
-        full_restore = timed_restore(kernel, full.text)
-        partial_restore = timed_restore(kernel, partial.text)
-    return {
-        "services": n,
-        "endpoints": 3 * n,
-        "variant": variant,
-        "full": _sync(full, full_render, full_restore),
-        "partial": _sync(partial, partial_render, partial_restore),
-    }
+        kernel = TimedKernel(variant, ("ip", "netns", "exec", ns))
+        backend = IptablesBackend(CONFIG, kernel, batch_chains, local_addresses=list)
+        for label, the_plans, the_changed in syncs:
+            kernel.reset()
+            start = time.perf_counter()
+            backend.apply(the_plans, the_changed, NODE)
+            result[label] = {
+                "total_s": round(time.perf_counter() - start, 3),
+                "restore_s": round(kernel.restore_s, 3),
+                "restores": kernel.restores,
+                "bytes": kernel.bytes,
+            }
+    return result
 
 
-def _sync(result: RenderResult, render_s: float, restore_s: float) -> dict[str, Any]:
-    return {
-        "render_s": round(render_s, 4),
-        "restore_s": round(restore_s, 4),
-        "lines": result.text.count("\n"),
-        "bytes": len(result.text.encode()),
-        "rules": dict(result.rule_count),
-    }
+def runs(sizes: list[int]) -> Iterator[tuple[int, Variant, int | None]]:
+    """Every (size, variant, batch_chains) to measure; batching applies to nft only."""
+    for n in sizes:
+        if shutil.which("iptables-nft-restore"):
+            yield n, "nft", DEFAULT_BATCH_CHAINS
+            if n <= SINGLE_NFT_MAX:
+                yield n, "nft", None
+        if shutil.which("iptables-legacy-restore"):
+            yield n, "legacy", None
 
 
 def main(sizes: list[int]) -> None:
-    """Measure every size with every installed variant; print and save the results."""
-    variants: list[Variant] = [v for v in ("nft", "legacy") if shutil.which(f"iptables-{v}-restore")]
-    results = [measure(n, variant) for n in sizes for variant in variants]
-    for r in results:
-        f, p = r["full"], r["partial"]
-        sys.stdout.write(
-            f"{r['services']:>6} svc {r['variant']:<6} full: render {f['render_s']:.3f}s restore"
-            f" {f['restore_s']:.3f}s {f['lines']} lines {f['bytes']} B | partial: render {p['render_s']:.3f}s"
-            f" restore {p['restore_s']:.3f}s {p['lines']} lines {p['bytes']} B\n"
+    """Measure every run; print and save the results."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    results = []
+    for n, variant, batch_chains in runs(sizes):
+        r = measure(n, variant, batch_chains)
+        results.append(r)
+        syncs = " | ".join(
+            f"{s}: {r[s]['total_s']:.2f}s ({r[s]['restores']} restores {r[s]['restore_s']:.2f}s)"
+            for s in ("cold", "resync", "partial")
         )
+        sys.stdout.write(f"{n:>6} svc {variant:<6} {r['mode']:<22} {syncs}\n")
+        sys.stdout.flush()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 
 from kproxyd.backends import Backend
 from kproxyd.config import ProxyConfig
-from kproxyd.healthcheck import HealthServer, ProxyHealth, parse_bind_address
+from kproxyd.healthcheck import HealthServer, ProxyHealth, ServiceHealthServers, parse_bind_address
 from kproxyd.k8s.client import build_api_client
 from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, PROXY_LABEL_SELECTOR, SERVICES, Reflector
 from kproxyd.metrics import ProxyMetrics
@@ -45,17 +45,23 @@ class Daemon:
         self.metrics = ProxyMetrics()
         self.stopped = threading.Event()
         self.tracker = ProxyStateTracker(config.hostname, family=4, on_change=self._changed)
-        self.proxier = Proxier(self.tracker, make_backend(config), self.metrics)
         self.runner = SyncRunner(self._sync, config.min_sync_period, config.sync_period)
+        self.health = ProxyHealth(
+            2 * config.sync_period, lambda: self.runner.last_success, lambda: self.runner.oldest_pending
+        )
+        self.service_health = ServiceHealthServers(config.bind_address, lambda: self.health.status()[0])
+        self.proxier = Proxier(
+            self.tracker,
+            make_backend(config),
+            self.metrics,
+            observers=[lambda _old, new, changed: self.service_health.on_sync(new, changed)],
+        )
         api = build_api_client(config.kubeconfig, config.master)
         self.reflectors = [
             Reflector(api, SERVICES, self.tracker, label_selector=PROXY_LABEL_SELECTOR),
             Reflector(api, ENDPOINT_SLICES, self.tracker, label_selector=PROXY_LABEL_SELECTOR),
             Reflector(api, NODES, self.tracker, field_selector=f"metadata.name={config.hostname}"),
         ]
-        self.health = ProxyHealth(
-            2 * config.sync_period, lambda: self.runner.last_success, lambda: self.runner.oldest_pending
-        )
         self._health_server: HealthServer | None = None
 
     def _changed(self) -> None:
@@ -94,6 +100,7 @@ class Daemon:
             reflector.stop()
         if self._health_server:
             self._health_server.stop()
+        self.service_health.stop()
         log.info("kproxyd stopped; rules left in place")
 
 

@@ -78,6 +78,11 @@ class ServicePlan:
         return tuple(sorted(reachable))
 
     @property
+    def local_ready_count(self) -> int:
+        """Ready endpoints on this node: what the Service's health check node port reports."""
+        return sum(1 for ep in self.local_policy_endpoints if ep.ready)
+
+    @property
     def internal_verdict(self) -> Verdict | None:
         """None when cluster-IP traffic has endpoints, else what to do with it."""
         return _verdict(self.internal_endpoints, self.has_any_endpoints)
@@ -133,9 +138,20 @@ def _local_endpoints(endpoints: Sequence[Endpoint], node: NodeInfo) -> tuple[End
     return _select(local, lambda ep: ep.ready) or _select(local, lambda ep: ep.serving and ep.terminating)
 
 
+def _dedup(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    """One endpoint per ip:port, sorted; where slices disagree, the ready (then serving) copy wins."""
+    best: dict[tuple[str, int], Endpoint] = {}
+    for ep in endpoints:
+        key = (ep.ip, ep.port)
+        current = best.get(key)
+        if current is None or (ep.ready, ep.serving) > (current.ready, current.serving):
+            best[key] = ep
+    return tuple(sorted(best.values()))
+
+
 def plan_service_port(port: ServicePort, endpoints: Sequence[Endpoint], node: NodeInfo) -> ServicePlan:
     """Categorize the endpoints of one ServicePort for this node (kube-proxy's CategorizeEndpoints)."""
-    ordered = tuple(sorted(set(endpoints)))
+    ordered = _dedup(endpoints)
     cluster = _cluster_endpoints(ordered, node)
     has_any = bool(cluster) or any(ep.ready or (ep.serving and ep.terminating) for ep in ordered)
     return ServicePlan(

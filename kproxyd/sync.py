@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -33,13 +33,27 @@ class SyncResult:
     applied: bool  # False when there was nothing to write
 
 
+SyncObserver = Callable[
+    [Mapping[ServicePortName, ServicePlan], Mapping[ServicePortName, ServicePlan], "set[ServicePortName] | None"],
+    None,
+]
+"""Called after each successful apply with (old plans, new plans, changed ports or None for a full sync)."""
+
+
 class Proxier:
     """Turns tracked changes into plans and applies them through one backend."""
 
-    def __init__(self, tracker: ProxyStateTracker, backend: Backend, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        tracker: ProxyStateTracker,
+        backend: Backend,
+        metrics: ProxyMetrics,
+        observers: Sequence[SyncObserver] = (),
+    ) -> None:
         self._tracker = tracker
         self._backend = backend
         self._metrics = metrics
+        self._observers = tuple(observers)
         self._plans: dict[ServicePortName, ServicePlan] = {}
 
     @property
@@ -65,8 +79,21 @@ class Proxier:
             self._metrics.sync_failures.inc()
             raise
         self._metrics.record_sync(time.monotonic() - start, changes.full, plans.values())
-        self._plans = plans
+        old, self._plans = self._plans, plans
+        self._notify(old, plans, None if changes.full else changed)
         return SyncResult(changes.full, len(changed), len(plans), applied=True)
+
+    def _notify(
+        self,
+        old: Mapping[ServicePortName, ServicePlan],
+        new: Mapping[ServicePortName, ServicePlan],
+        changed: set[ServicePortName] | None,
+    ) -> None:
+        for observer in self._observers:
+            try:
+                observer(old, new, changed)
+            except Exception:  # follow-up work (conntrack, health ports) never fails a sync
+                log.exception("sync observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
 
     def _replan(self, changes: Changes) -> dict[ServicePortName, ServicePlan]:
         plans = {} if changes.full else dict(self._plans)

@@ -22,7 +22,7 @@ from kproxyd.lab.apiserver import LabApiServer, write_kubeconfig
 from kproxyd.lab.controller import EndpointsController
 from kproxyd.lab.netlab import LabNode, LabPod, NetLab, Reply
 from kproxyd.lab.nsutil import socket_in_netns
-from kproxyd.lab.store import ObjectStore
+from kproxyd.lab.store import ObjectStore, now_rfc3339
 
 log = structlog.get_logger(__name__)
 
@@ -219,6 +219,34 @@ class LabCluster:
         assert pod is not None, f"no pod {namespace}/{name}"
         pod["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
         self.store.update("Pod", pod)
+
+    def terminate_pod(self, name: str, namespace: str = "default") -> None:
+        """Start a pod's graceful deletion: it keeps serving but its endpoint becomes terminating."""
+        pod = self.store.get("Pod", namespace, name)
+        assert pod is not None, f"no pod {namespace}/{name}"
+        pod["metadata"]["deletionTimestamp"] = now_rfc3339()
+        self.store.update("Pod", pod)
+
+    def set_node_zone(self, node: str, zone: str) -> None:
+        """Change a Node's topology.kubernetes.io/zone label."""
+        obj = self.store.get("Node", "", node)
+        assert obj is not None, f"no node {node}"
+        obj["metadata"].setdefault("labels", {})["topology.kubernetes.io/zone"] = zone
+        self.store.update("Node", obj)
+
+    def set_load_balancer(self, name: str, ips: Sequence[str], namespace: str = "default", **ingress: Any) -> None:
+        """Publish load-balancer ingress IPs in a Service's status, as a cloud controller would."""
+        svc = self.service(name, namespace)
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": ip, **ingress} for ip in ips]}}
+        self.store.update("Service", svc, part="status")
+
+    def route_from_outside(self, cidr: str, node: str, host: str = "ext") -> None:
+        """Route cidr from an external host to a node (what a load balancer or router would do)."""
+        self.net.exec(host, ["ip", "route", "replace", cidr, "via", self.net.node(node).ip])
+
+    def add_external_client(self, name: str) -> str:
+        """Another machine on the node network; returns its IP."""
+        return self.net.add_external_client(name).ip
 
     def create_service(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create a Service (defaulted and allocated like the real API server)."""

@@ -370,6 +370,8 @@ class NetLab:
         node_ns = state.node.netns
         ip_in(node_ns, "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         ip_in(node_ns, "link", "set", host_veth, "master", "cbr0", "up")
+        # As kubelet's hairpin-veth mode: a pod reaching itself through a Service is bridged back to its port.
+        ip_in(node_ns, "link", "set", host_veth, "type", "bridge_slave", "hairpin", "on")
         ip_in(netns, "addr", "add", f"{pod_ip}/24", "dev", "eth0")
         ip_in(netns, "link", "set", "eth0", "up")
         ip_in(netns, "route", "add", "default", "via", state.node.pod_gateway)

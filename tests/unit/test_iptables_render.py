@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.names import endpoint_chain, service_chains
 from kproxyd.backends.iptables.render import IptablesRenderer, IptablesRenderOptions, RenderResult
 from kproxyd.model import (
@@ -230,13 +231,40 @@ def test_named_and_unnamed_ports_and_two_ports() -> None:
                 local_detector=LocalTrafficDetector(DetectLocalMode.INTERFACE_NAME_PREFIX, interface="veth")
             ),
         ),
-        ("nodeport_addresses", IptablesRenderOptions(nodeport_addresses=("192.168.0.0/24", "10.1.0.0/16"))),
+        ("nodeport_addresses", IptablesRenderOptions(nodeport_addresses=("192.168.0.2/32", "10.1.0.1/32"))),
     ],
 )
 def test_masquerade_and_node_options(golden: str, options: IptablesRenderOptions) -> None:
     port = svc(spn(), "172.30.0.41", node_port=30080, external_policy_local=True)
     the_plans = plans((port, [*eps("10.180.0.1"), *eps("10.180.0.2", node="node1")]))
     assert_golden(golden, render(the_plans, options).text)
+
+
+LOCAL_IPS = ("127.0.0.1", "192.168.0.2", "10.1.0.1", "172.17.0.1")
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "expected"),
+    [
+        ((), None),
+        (("0.0.0.0/0",), None),
+        (("192.168.0.0/24", "0.0.0.0/0"), None),
+        (("fd00::/64",), None),
+        (("192.168.0.0/24", "10.0.0.0/8"), ("10.1.0.1/32", "192.168.0.2/32")),
+        (("primary",), ("192.168.0.2/32",)),
+        (("127.0.0.0/8", "primary"), ("127.0.0.1/32", "192.168.0.2/32")),
+        (("192.0.2.0/24",), ()),
+    ],
+)
+def test_nodeport_addresses_are_local_ips_in_the_cidrs(cidrs: tuple[str, ...], expected: object) -> None:
+    node = NodeInfo("node1", addresses=("192.168.0.2", "203.0.113.9"))  # 203.0.113.9: not local, never used
+    assert nodeport_ips(cidrs, node, LOCAL_IPS) == expected
+
+
+def test_nodeport_addresses_without_a_match_write_no_jump() -> None:
+    the_plans = plans((svc(spn(), "172.30.0.41", node_port=30080), eps("10.180.0.1")))
+    text = render(the_plans, IptablesRenderOptions(nodeport_addresses=())).text
+    assert "-A KUBE-NODEPORTS" in text and "-j KUBE-NODEPORTS" not in text
 
 
 def test_no_detector_means_no_cluster_ip_masquerade() -> None:
@@ -377,7 +405,7 @@ _options = st.builds(
     local_detector=st.none()
     | st.just(CLUSTER_CIDR)
     | st.just(LocalTrafficDetector(DetectLocalMode.INTERFACE_NAME_PREFIX, interface="veth")),
-    nodeport_addresses=st.sampled_from([(), ("192.168.0.0/24",), ("0.0.0.0/0",)]),
+    nodeport_addresses=st.sampled_from([None, (), ("192.168.0.2/32", "10.1.0.1/32")]),
     node_ips=st.sampled_from([(), ("192.168.0.2",)]),
     large_cluster_endpoints=st.sampled_from([1000, 2]),
 )

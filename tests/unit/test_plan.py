@@ -146,3 +146,9 @@ def test_changed_plans() -> None:
     assert changed_plans(old, new) == {a.name}
     assert changed_plans(old, {b.name: b}) == {a.name}
     assert changed_plans(old, old) == set()
+
+
+def test_duplicate_address_prefers_the_ready_copy() -> None:
+    stale = ep("10.244.1.2", ready=False, serving=False, terminating=True)
+    plan = plan_service_port(PORT, [stale, LOCAL], NODE)
+    assert plan.all_endpoints == (LOCAL,)

@@ -8,14 +8,17 @@ iptables binaries of one variant (legacy or nft), in this namespace or behind a 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
+from pyroute2 import IPRoute
 
 from kproxyd.backends.iptables.names import (
+    FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
     KUBE_FORWARD,
     KUBE_NODEPORTS,
@@ -23,6 +26,7 @@ from kproxyd.backends.iptables.names import (
     KUBE_PROXY_CANARY,
     KUBE_PROXY_FIREWALL,
     KUBE_SERVICES,
+    NAT_CHAINS,
     is_kproxyd_chain,
 )
 
@@ -69,6 +73,13 @@ JUMPS = (
     Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
 )
 
+# Batched syncs write per-service chains, which jump to KUBE-MARK-MASQ, before the top level is written.
+_ENSURED_CHAINS = (
+    *((table, KUBE_PROXY_CANARY) for table in _CANARY_TABLES),
+    *(("filter", chain) for chain in FILTER_CHAINS),
+    *(("nat", chain) for chain in NAT_CHAINS),
+)
+
 
 class IptablesError(RuntimeError):
     """An iptables command failed."""
@@ -91,6 +102,15 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
 
 def _count_kube_rules(save_output: str) -> int:
     return sum(1 for line in save_output.splitlines() if line.startswith("-") and "kube-" in line.lower())
+
+
+def local_ipv4_addresses() -> list[str]:
+    """The IPv4 addresses of every interface in this network namespace."""
+    with IPRoute() as ipr:
+        # IFA_LOCAL is the local end of a point-to-point link, whose IFA_ADDRESS is the peer.
+        return [
+            str(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET)
+        ]
 
 
 def detect_iptables_variant(
@@ -151,9 +171,9 @@ class IptablesKernel:
         }
 
     def ensure_jumps(self) -> None:
-        """Create the canary chains and kube-proxy's jumps from built-in chains, each exactly once."""
-        for table in _CANARY_TABLES:
-            self._ensure_chain(table, KUBE_PROXY_CANARY)
+        """Create the canary and top-level chains (never flushing one) and kube-proxy's jumps, each once."""
+        for table, chain in _ENSURED_CHAINS:
+            self._ensure_chain(table, chain)
         for jump in JUMPS:
             self._ensure_chain(jump.table, jump.target)
             if not self._has_rule(jump):

@@ -1,15 +1,16 @@
-"""Render ServicePlans as one iptables-restore input, rule for rule as kube-proxy's iptables mode writes it.
+"""Render ServicePlans as iptables-restore input, rule for rule as kube-proxy's iptables mode writes it.
 
 Pure: no subprocess, no kernel. The layout follows syncProxyRules in pkg/proxy/iptables/proxier.go
 (v1.30): top-level chains are rewritten on every sync, per-ServicePort chains only when their plan
-changed (KEP-3453 partial sync), and chains no longer wanted are flushed and deleted.
+changed (KEP-3453 partial sync), and chains no longer wanted are flushed and deleted. A large sync may
+write the per-ServicePort chains first in batches (render_batches), then the rest with changed=set().
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Collection, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
 import structlog
@@ -47,7 +48,7 @@ class IptablesRenderOptions:
     masquerade_bit: int = 14
     masquerade_all: bool = False
     local_detector: LocalTrafficDetector | None = None
-    nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty: every local address
+    nodeport_addresses: tuple[str, ...] | None = None  # local IPs node ports answer on; None: every one
     node_ips: tuple[str, ...] = ()  # for the LB source-range rule admitting the node itself
     large_cluster_endpoints: int = 1000  # above this many endpoints, per-endpoint comments are dropped
 
@@ -91,20 +92,14 @@ class _Sync:
     skipped_nat_rules: int = 0
 
     def text(self) -> str:
-        """The restore input: both tables, each committed."""
-        return "\n".join(
-            [
-                "*filter",
-                *self.filter_chains,
-                *self.filter_rules,
-                "COMMIT",
-                "*nat",
-                *self.nat_chains,
-                *self.nat_rules,
-                "COMMIT",
-                "",
-            ]
-        )
+        """The restore input: every table with lines, each committed."""
+        tables = (("filter", self.filter_chains, self.filter_rules), ("nat", self.nat_chains, self.nat_rules))
+        lines = [line for name, chains, rules in tables if chains or rules for line in _table(name, chains, rules)]
+        return "\n".join([*lines, ""])
+
+
+def _table(name: str, chains: list[str], rules: list[str]) -> list[str]:
+    return [f"*{name}", *chains, *rules, "COMMIT"]
 
 
 @dataclass(slots=True)
@@ -157,17 +152,13 @@ class IptablesRenderer:
         """Render every plan; with `changed`, rewrite only the per-ServicePort chains of those ports."""
         sync = _Sync()
         self._write_static(sync)
-        endpoints = sum(len(plan.all_endpoints) for plan in plans.values())
+        endpoints = _endpoint_count(plans)
         large = endpoints > self._options.large_cluster_endpoints
         for name in sorted(plans, key=_sort_key):
             plan = plans[name]
             chains = service_chains(name)
             self._write_frontends(sync, plan, chains)
-            unchanged = changed is not None and name not in changed
-            nat = _NatLines([], []) if unchanged else _NatLines(sync.nat_chains, sync.nat_rules)
-            self._write_service_chains(sync, nat, plan, chains, large)
-            if unchanged:
-                sync.skipped_nat_rules += len(nat.rules)
+            self._write_port_chains(sync, plan, chains, large, rewrite=changed is None or name in changed)
         deleted = self._delete_stale(sync, existing_chains)
         self._write_trailer(sync)
         log.debug("iptables rules rendered", ports=len(plans), endpoints=endpoints, deleted_chains=deleted)
@@ -179,6 +170,29 @@ class IptablesRenderer:
                 "nat": len(sync.nat_rules) - deleted + sync.skipped_nat_rules,
             },
         )
+
+    def render_batches(
+        self, plans: Mapping[ServicePortName, ServicePlan], names: Collection[ServicePortName], max_chains: int
+    ) -> Iterator[str]:
+        """Only the nat chains of the ports `names`, in inputs of about max_chains chains; a port never split."""
+        large = _endpoint_count(plans) > self._options.large_cluster_endpoints
+        sync = _Sync()
+        for name in sorted(names, key=_sort_key):
+            self._write_port_chains(sync, plans[name], service_chains(name), large, rewrite=True)
+            if len(sync.active) >= max_chains:
+                yield sync.text()
+                sync = _Sync()
+        if sync.active:
+            yield sync.text()
+
+    def _write_port_chains(
+        self, sync: _Sync, plan: ServicePlan, chains: ServiceChains, large: bool, rewrite: bool
+    ) -> None:
+        """Write the port's own chains into the sync, or (not rewrite) only count their rules as kept."""
+        nat = _NatLines(sync.nat_chains, sync.nat_rules) if rewrite else _NatLines([], [])
+        self._write_service_chains(sync, nat, plan, chains, large)
+        if not rewrite:
+            sync.skipped_nat_rules += len(nat.rules)
 
     def _write_static(self, sync: _Sync) -> None:
         """Declare the top-level chains and write the masquerade machinery."""
@@ -196,10 +210,8 @@ class IptablesRenderer:
     def _write_trailer(self, sync: _Sync) -> None:
         """The rules that must come last: the jump to node ports, and the forwarding rules."""
         addresses = self._options.nodeport_addresses
-        if not addresses or any(cidr.endswith("/0") for cidr in addresses):
-            destinations = ["-m addrtype --dst-type LOCAL"]
-        else:
-            destinations = [f"-d {cidr}" for cidr in addresses]
+        every_local = ("-m addrtype --dst-type LOCAL",)
+        destinations = every_local if addresses is None else tuple(f"-d {ip}" for ip in addresses)
         sync.nat_rules.extend(
             f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} {dst} -j {KUBE_NODEPORTS}"
             for dst in destinations
@@ -339,6 +351,10 @@ class IptablesRenderer:
         """True when a source range contains one of the node's IPs."""
         networks = [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in ranges]
         return any(ip.version == net.version and ip in net for net in networks for ip in self._node_ips)
+
+
+def _endpoint_count(plans: Mapping[ServicePortName, ServicePlan]) -> int:
+    return sum(len(plan.all_endpoints) for plan in plans.values())
 
 
 def _sort_key(name: ServicePortName) -> tuple[str, str, str, str]:
