@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from kproxyd.backends import Backend
 from kproxyd.config import ProxyConfig
+from kproxyd.conntrack import ConntrackCleaner
 from kproxyd.healthcheck import HealthServer, ProxyHealth, ServiceHealthServers, parse_bind_address
 from kproxyd.k8s.client import build_api_client
 from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, PROXY_LABEL_SELECTOR, SERVICES, Reflector
@@ -54,7 +55,10 @@ class Daemon:
             self.tracker,
             make_backend(config),
             self.metrics,
-            observers=[lambda _old, new, changed: self.service_health.on_sync(new, changed)],
+            observers=[
+                lambda _old, new, changed: self.service_health.on_sync(new, changed),
+                ConntrackCleaner().on_sync,
+            ],
         )
         api = build_api_client(config.kubeconfig, config.master)
         self.reflectors = [

@@ -162,6 +162,11 @@ def node_port(lab: LabCluster, name: str) -> int:
     return int(lab.service(name)["spec"]["ports"][0]["nodePort"])
 
 
+def pods_seen(lab: LabCluster, src: str, ip: str, count: int = 20) -> set[str]:
+    """The pods that answered count requests from src to ip:80."""
+    return {r.pod for r in lab.answers(src, ip, 80, count=count, timeout=0.5) if isinstance(r, Reply)}
+
+
 def all_answer(lab: LabCluster, src: str, ip: str, port: int, count: int = 6) -> bool:
     return all(isinstance(r, Reply) for r in lab.answers(src, ip, port, count=count, timeout=0.5))
 
@@ -243,7 +248,7 @@ def test_terminating_endpoints_used_only_when_none_ready(cluster: LabCluster) ->
     ip = cluster.create_service(svc("term", "term"))["spec"]["clusterIP"]
     pods = lambda: {
         r.pod for r in cluster.answers("client1", ip, 80, count=20, timeout=0.5) if isinstance(r, Reply)
-    }  # noqa: E731
+    }
     wait_until(lambda: pods() == {"term-0", "term-1"}, timeout=20, what="both endpoints")
     cluster.terminate_pod("term-0")
     wait_until(lambda: pods() == {"term-1"}, timeout=20, what="terminating endpoint dropped while one is ready")
@@ -257,7 +262,7 @@ def test_node_zone_change_resyncs_topology(cluster: LabCluster) -> None:
     ip = cluster_ip(cluster, "topology")
     pods = lambda: {
         r.pod for r in cluster.answers("client2", ip, 80, count=20, timeout=0.5) if isinstance(r, Reply)
-    }  # noqa: E731
+    }
     assert pods() == {"backend-1"}
     cluster.set_node_zone("node2", "zone-a")  # every endpoint is in zone-a now
     wait_until(lambda: pods() == BACKENDS, timeout=20, what="topology after the node's zone changed")

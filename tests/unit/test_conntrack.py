@@ -110,3 +110,15 @@ def test_netlink_failure_is_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(conntrack, "Conntrack", broken)
     assert ConntrackCleaner().delete([FlowFilter(UDP, 53)]) == 0
+
+
+def test_on_sync_deletes_the_stale_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    deleted: list[list[FlowFilter]] = []
+
+    def record(_self: ConntrackCleaner, filters: list[FlowFilter]) -> int:
+        deleted.append(filters)
+        return 0
+
+    monkeypatch.setattr(ConntrackCleaner, "delete", record)
+    ConntrackCleaner().on_sync({DNS: plan()}, {DNS: plan(ips=("10.0.0.1",))}, None)
+    assert deleted == [[FlowFilter(UDP, 53, "10.96.0.10", "10.0.0.2")]]

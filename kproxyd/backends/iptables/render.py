@@ -90,6 +90,7 @@ class _Sync:
     nat_rules: list[str] = field(default_factory=list)
     active: set[str] = field(default_factory=set)
     skipped_nat_rules: int = 0
+    cluster_ips: dict[str, str] = field(default_factory=dict)  # cluster IP -> its Service's "ns/name"
 
     def text(self) -> str:
         """The restore input: every table with lines, each committed."""
@@ -216,6 +217,12 @@ class IptablesRenderer:
             f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} {dst} -j {KUBE_NODEPORTS}"
             for dst in destinations
         )
+        # Whatever reaches a cluster IP undiverted is for a port or protocol the Service does not serve:
+        # refuse it at once rather than let it wander off along the default route.
+        sync.filter_rules.extend(
+            f'-A {KUBE_SERVICES} -m comment --comment "{service} cluster IP with no such port" -d {ip} -j REJECT'
+            for ip, service in sorted(sync.cluster_ips.items())
+        )
         mark = self._mark
         sync.filter_rules += [
             f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP",
@@ -246,6 +253,8 @@ class IptablesRenderer:
                     f" {fe.filter_match} -j {_VERDICT_TARGET[fe.verdict]}"
                 )
         port = plan.port
+        for ip in port.cluster_ips:
+            sync.cluster_ips.setdefault(ip, plan.name.service_key)
         if self._uses_firewall(plan):
             sync.filter_rules.extend(
                 f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{label} traffic not accepted by'
