@@ -246,9 +246,10 @@ def test_terminating_endpoints_used_only_when_none_ready(cluster: LabCluster) ->
     cluster.add_pod("term-0", "node1", {"app": "term"})
     cluster.add_pod("term-1", "node2", {"app": "term"})
     ip = cluster.create_service(svc("term", "term"))["spec"]["clusterIP"]
-    pods = lambda: {
-        r.pod for r in cluster.answers("client1", ip, 80, count=20, timeout=0.5) if isinstance(r, Reply)
-    }
+
+    def pods() -> set[str]:
+        return pods_seen(cluster, "client1", ip)
+
     wait_until(lambda: pods() == {"term-0", "term-1"}, timeout=20, what="both endpoints")
     cluster.terminate_pod("term-0")
     wait_until(lambda: pods() == {"term-1"}, timeout=20, what="terminating endpoint dropped while one is ready")
@@ -260,9 +261,10 @@ def test_terminating_endpoints_used_only_when_none_ready(cluster: LabCluster) ->
 
 def test_node_zone_change_resyncs_topology(cluster: LabCluster) -> None:
     ip = cluster_ip(cluster, "topology")
-    pods = lambda: {
-        r.pod for r in cluster.answers("client2", ip, 80, count=20, timeout=0.5) if isinstance(r, Reply)
-    }
+
+    def pods() -> set[str]:
+        return pods_seen(cluster, "client2", ip)
+
     assert pods() == {"backend-1"}
     cluster.set_node_zone("node2", "zone-a")  # every endpoint is in zone-a now
     wait_until(lambda: pods() == BACKENDS, timeout=20, what="topology after the node's zone changed")
