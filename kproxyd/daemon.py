@@ -46,14 +46,15 @@ class Daemon:
         self.metrics = ProxyMetrics()
         self.stopped = threading.Event()
         self.tracker = ProxyStateTracker(config.hostname, family=4, on_change=self._changed)
-        self.runner = SyncRunner(self._sync, config.min_sync_period, config.sync_period)
+        backend = make_backend(config)
+        self.runner = SyncRunner(self._sync, config.min_sync_period, config.sync_period, drifted=backend.drifted)
         self.health = ProxyHealth(
             2 * config.sync_period, lambda: self.runner.last_success, lambda: self.runner.oldest_pending
         )
         self.service_health = ServiceHealthServers(config.bind_address, lambda: self.health.status()[0])
         self.proxier = Proxier(
             self.tracker,
-            make_backend(config),
+            backend,
             self.metrics,
             observers=[
                 lambda _old, new, changed: self.service_health.on_sync(new, changed),

@@ -107,28 +107,38 @@ class Proxier:
 
 
 class SyncRunner:
-    """Runs a sync function in its own thread: batched by min_period, full every period, retried."""
+    """Runs a sync function in its own thread, with kube-proxy's cadence.
+
+    Changes are batched to at most one sync per min_period. Every check_period the backend is asked
+    whether its rules drifted (kube-proxy's canary check); a drift, or full_period without one, makes
+    the next sync full. A failed sync is retried with backoff.
+    """
 
     def __init__(
         self,
         sync: Callable[[bool], object],
         min_period: float,
-        period: float,
+        check_period: float,
+        drifted: Callable[[], bool] = lambda: False,
+        full_period: float = 3600.0,
         max_retry_delay: float = 30.0,
     ) -> None:
         self._sync = sync
         self._min_period = min_period
-        self._period = period
+        self._check_period = check_period
+        self._drifted = drifted
+        self._full_period = full_period
         self._max_retry_delay = max_retry_delay
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._pending = True
+        self._full_requested = True
         self._thread = threading.Thread(target=self._loop, name="sync", daemon=True)
         self.last_success = 0.0  # time.time() of the last successful sync, 0 before the first
         self.oldest_pending = 0.0  # time.time() when the oldest unsynced change was queued
 
     def start(self) -> None:
-        """Start the loop (the first sync runs at once)."""
+        """Start the loop (the first sync, a full one, runs at once)."""
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -146,26 +156,40 @@ class SyncRunner:
 
     def _loop(self) -> None:
         last_start = last_full = -float("inf")
+        next_check = time.monotonic() + self._check_period
         retry_delay = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            full = now - last_full >= self._period
-            due = max(last_start + self._min_period, last_start + retry_delay) if self._pending else None
-            if full or (due is not None and now >= due):
-                self._pending = False
+            if now >= next_check:
+                next_check = now + self._check_period
+                self._check_drift()
+            full = self._full_requested or now - last_full >= self._full_period
+            due = last_start + max(self._min_period, retry_delay)
+            if (self._pending or full) and now >= due:
+                self._pending = self._full_requested = False
                 last_start = now
                 if self._run(full):
                     retry_delay = 0.0
                     last_full = now if full else last_full
                 else:
-                    self._pending = True
+                    self._pending, self._full_requested = True, full
                     retry_delay = min(max(2 * retry_delay, self._min_period, 0.5), self._max_retry_delay)
                 continue
-            wait = last_full + self._period - now
-            if due is not None:
-                wait = min(wait, due - now)
-            self._wake.wait(max(wait, 0.0))
+            wake_at = min(next_check, last_full + self._full_period)
+            if self._pending or full:
+                wake_at = min(wake_at, due)
+            self._wake.wait(max(wake_at - now, 0.0))
             self._wake.clear()
+
+    def _check_drift(self) -> None:
+        try:
+            drifted = self._drifted()
+        except Exception:
+            log.exception("drift check failed")
+            return
+        if drifted:
+            log.warning("programmed rules were changed from outside; forcing a full resync")
+            self._full_requested = True
 
     def _run(self, full: bool) -> bool:
         try:

@@ -22,5 +22,8 @@ class Backend(Protocol):
     ) -> None:
         """Make the kernel match plans; changed=None means a full sync. Atomic: on error nothing changed."""
 
+    def drifted(self) -> bool:
+        """True when the kernel no longer holds what was written (an external flush): resync fully."""
+
     def cleanup(self) -> None:
         """Remove everything this backend ever programmed."""

@@ -270,3 +270,15 @@ def test_node_zone_change_resyncs_topology(cluster: LabCluster) -> None:
     wait_until(lambda: pods() == BACKENDS, timeout=20, what="topology after the node's zone changed")
     cluster.set_node_zone("node2", "zone-b")
     wait_until(lambda: pods() == {"backend-1"}, timeout=20, what="topology restored")
+
+
+def test_node_port_on_localhost(cluster: LabCluster) -> None:
+    """iptables mode answers 127.0.0.1:NodePort (route_localnet, set inside the node only), as kube-proxy."""
+    if cluster.mode != "iptables":  # type: ignore[attr-defined]
+        pytest.skip("node ports on localhost are offered in iptables mode only, as kube-proxy")
+    port = node_port(cluster, "lb")
+    pods = {r.pod for r in cluster.answers("node1", "127.0.0.1", port, count=20) if isinstance(r, Reply)}
+    assert pods == BACKENDS
+    sysctl = ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]
+    assert cluster.net.exec("node1", sysctl).stdout.strip() == "1"
+    assert "KUBE-FIREWALL" in cluster.iptables_save("node1", "filter")

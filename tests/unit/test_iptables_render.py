@@ -433,3 +433,15 @@ def test_random_plans_render_valid_deterministic_text(
     partial = renderer.render(the_plans, changed, full.chains)
     check_restore_text(partial.text, known=full.chains)
     assert (partial.chains, partial.rule_count) == (full.chains, full.rule_count)
+
+
+def test_localhost_nodeports_guard() -> None:
+    """CVE-2020-8558: with node ports on 127.0.0.1, packets to 127/8 from elsewhere are dropped."""
+    the_plans = plans((svc(spn(), "172.30.0.41", node_port=30080), eps("10.180.0.1")))
+    text = render(the_plans, IptablesRenderOptions(localhost_nodeports=True)).text
+    assert ":KUBE-FIREWALL - [0:0]" in text
+    assert (
+        '-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8'
+        " ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+    ) in text
+    assert "KUBE-FIREWALL" not in render(the_plans, IptablesRenderOptions()).text

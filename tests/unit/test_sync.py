@@ -32,6 +32,9 @@ class RecordingBackend:
             raise RuntimeError("kernel said no")
         self.calls.append((set(plans), changed))
 
+    def drifted(self) -> bool:
+        return False
+
     def cleanup(self) -> None:
         self.calls.clear()
 
@@ -106,7 +109,7 @@ def test_runner_batches_requests_and_retries() -> None:
         if len(calls) >= 3:
             done.set()
 
-    runner = SyncRunner(sync, min_period=0.2, period=3600)
+    runner = SyncRunner(sync, min_period=0.2, check_period=3600)
     runner.start()
     try:
         deadline = time.monotonic() + 10
@@ -118,5 +121,30 @@ def test_runner_batches_requests_and_retries() -> None:
         assert done.wait(10)
         assert len(calls) == 3  # twenty requests within min_period became one sync
         assert calls[0] is True  # the first sync is a full one
+    finally:
+        runner.stop()
+
+
+def test_runner_drift_forces_a_full_sync() -> None:
+    calls: list[bool] = []
+    drift = threading.Event()
+
+    def drifted() -> bool:
+        return drift.is_set()
+
+    runner = SyncRunner(lambda full: calls.append(full), min_period=0.05, check_period=0.1, drifted=drifted)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        runner.request()
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls[:2] == [True, False]  # first sync full, a change-driven one partial
+        drift.set()
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls[2] is True  # the canary check found drift: full resync without any change
     finally:
         runner.stop()

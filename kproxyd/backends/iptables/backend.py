@@ -7,7 +7,11 @@ from collections.abc import Callable, Collection, Mapping
 
 import structlog
 
-from kproxyd.backends.iptables.kernel import IptablesKernel, detect_iptables_variant, local_ipv4_addresses
+from kproxyd.backends.iptables.kernel import (
+    IptablesKernel,
+    detect_iptables_variant,
+    local_ipv4_addresses,
+)
 from kproxyd.backends.iptables.render import IptablesRenderer, IptablesRenderOptions
 from kproxyd.config import ProxyConfig, local_traffic_detector
 from kproxyd.model import NodeInfo, ServicePortName
@@ -41,7 +45,15 @@ def render_options(config: ProxyConfig, node: NodeInfo, local_ips: Collection[st
         local_detector=local_traffic_detector(config, node),
         nodeport_addresses=nodeport_ips(config.nodeport_addresses, node, local_ips),
         node_ips=tuple(ip for ip in node.addresses if ":" not in ip),
+        localhost_nodeports=localhost_nodeports(config),
     )
+
+
+def localhost_nodeports(config: ProxyConfig) -> bool:
+    """kube-proxy offers node ports on 127.0.0.1 when enabled and the node-port addresses include loopback."""
+    cidrs = [ipaddress.ip_network(c) for c in config.nodeport_addresses if c != "primary" and ":" not in c]
+    loopback = ipaddress.ip_address("127.0.0.1")
+    return config.localhost_nodeports and (not config.nodeport_addresses or any(loopback in n for n in cidrs))
 
 
 class IptablesBackend:
@@ -84,7 +96,10 @@ class IptablesBackend:
         """Render and restore; a full sync (also on a Node change) re-reads addresses, chains and jumps."""
         if changed is None or self._chains is None or self._renderer is None or node != self._node:
             self._node = node
-            self._renderer = IptablesRenderer(render_options(self._config, node, self._local_addresses()))
+            options = render_options(self._config, node, self._local_addresses())
+            self._renderer = IptablesRenderer(options)
+            if options.localhost_nodeports:
+                self._kernel.enable_route_localnet()
             self._kernel.ensure_jumps()
             self._chains = self._kernel.list_chains()
             changed = None
@@ -128,6 +143,10 @@ class IptablesBackend:
         names = plans.keys() if changed is None else changed & plans.keys()
         batches = list(renderer.render_batches(plans, names, self._batch_chains))
         return batches if len(batches) > 1 else []
+
+    def drifted(self) -> bool:
+        """True when the canary chains are gone (someone flushed the tables): the next sync must be full."""
+        return not self._kernel.canary_present()
 
     def cleanup(self) -> None:
         """Remove kproxyd's chains and jumps from both iptables variants."""

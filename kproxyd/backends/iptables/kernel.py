@@ -20,6 +20,7 @@ from pyroute2 import IPRoute
 from kproxyd.backends.iptables.names import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
+    KUBE_FIREWALL,
     KUBE_FORWARD,
     KUBE_NODEPORTS,
     KUBE_POSTROUTING,
@@ -68,6 +69,8 @@ JUMPS = (
     Jump("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
     Jump("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
     Jump("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _CTSTATE_NEW),
+    Jump("filter", "INPUT", KUBE_FIREWALL, "kubernetes firewall for dropping marked packets"),
+    Jump("filter", "OUTPUT", KUBE_FIREWALL, "kubernetes firewall for dropping marked packets"),
     Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
     Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
@@ -178,6 +181,17 @@ class IptablesKernel:
             self._ensure_chain(jump.table, jump.target)
             if not self._has_rule(jump):
                 self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-I", jump.source, *jump.args])
+
+    def enable_route_localnet(self) -> None:
+        """net.ipv4.conf.all.route_localnet=1 (in the prefix's namespace), so 127.0.0.1:NodePort is DNATed."""
+        self._check([*self._prefix, "sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"])
+
+    def canary_present(self) -> bool:
+        """True while KUBE-PROXY-CANARY exists in every table: gone means someone flushed our rules."""
+        return all(
+            _run([*self._prefix, self._iptables, "-w", "-t", table, "-S", KUBE_PROXY_CANARY]).returncode == 0
+            for table in _CANARY_TABLES
+        )
 
     def cleanup(self) -> None:
         """Remove our jumps and every kproxyd chain from filter, nat and mangle; leave the rest alone."""

@@ -18,6 +18,7 @@ import structlog
 from kproxyd.backends.iptables.names import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
+    KUBE_FIREWALL,
     KUBE_FORWARD,
     KUBE_MARK_MASQ,
     KUBE_NODEPORTS,
@@ -51,6 +52,7 @@ class IptablesRenderOptions:
     nodeport_addresses: tuple[str, ...] | None = None  # local IPs node ports answer on; None: every one
     node_ips: tuple[str, ...] = ()  # for the LB source-range rule admitting the node itself
     large_cluster_endpoints: int = 1000  # above this many endpoints, per-endpoint comments are dropped
+    localhost_nodeports: bool = False  # node ports on 127.0.0.1 (route_localnet), with kube-proxy's guard
 
     @property
     def masquerade_mark(self) -> str:
@@ -223,6 +225,13 @@ class IptablesRenderer:
             f'-A {KUBE_SERVICES} -m comment --comment "{service} cluster IP with no such port" -d {ip} -j REJECT'
             for ip, service in sorted(sync.cluster_ips.items())
         )
+        if self._options.localhost_nodeports:
+            # CVE-2020-8558: with route_localnet, packets to 127/8 from elsewhere must not get in.
+            sync.filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
+            sync.filter_rules.append(
+                f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections"'
+                " -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+            )
         mark = self._mark
         sync.filter_rules += [
             f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP",
