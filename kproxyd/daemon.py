@@ -83,7 +83,7 @@ class Daemon:
         self._start_servers()
         for reflector in self.reflectors:
             reflector.start()
-        for reflector in self.reflectors[:2]:  # the Node may not exist; Services and slices must be listed
+        for reflector in self.reflectors:  # the first sync needs every list (NodeCIDR mode needs the Node)
             if not reflector.wait_synced(INFORMER_SYNC_TIMEOUT):
                 log.warning("informer not synced yet; starting anyway", resource=reflector.resource.kind)
         self.runner.start()
