@@ -9,7 +9,10 @@ Load-balancer and external IPs live in 172.29.0.0/24, routed by the outside worl
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +21,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from kproxyd.lab.nsutil import socket_in_netns
 
 BACKENDS = frozenset({"backend-0", "backend-1", "backend-2"})
 ON_NODE1 = frozenset({"backend-0", "backend-2"})
@@ -133,6 +137,8 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.create_service(svc("topology", trafficDistribution="PreferClose"))
     lab.create_service(svc("empty", "nothing", type="LoadBalancer", externalIPs=[EMPTY_EXTERNAL_IP]))
     lab.create_service(svc("affinity", sessionAffinity="ClientIP"))
+    headless = svc("headless", clusterIP="None")
+    lab.create_service(headless)
     other = svc("other-proxy")
     other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "someone-else"}
     lab.create_service(other)
@@ -282,3 +288,60 @@ def test_node_port_on_localhost(cluster: LabCluster) -> None:
     sysctl = ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]
     assert cluster.net.exec("node1", sysctl).stdout.strip() == "1"
     assert "KUBE-FIREWALL" in cluster.iptables_save("node1", "filter")
+
+
+def ruleset(lab: LabCluster, node: str = "node1") -> str:
+    """Everything programmed in a node's namespace, whatever the mode: iptables-save and nft list ruleset."""
+    nft = lab.net.exec(node, ["nft", "list", "ruleset"], check=False).stdout
+    return lab.iptables_save(node, "nat") + lab.iptables_save(node, "filter") + nft
+
+
+def test_headless_and_foreign_services_program_nothing(cluster: LabCluster) -> None:
+    rules = ruleset(cluster)
+    assert "default/web" in rules
+    assert "default/headless" not in rules
+    assert "default/other-proxy" not in rules
+    assert "error" not in cluster.proxy_log("node1").lower()
+
+
+def test_sctp_service(cluster: LabCluster) -> None:
+    """SCTP Services are programmed; with SCTP sockets in the kernel, traffic flows too."""
+    sctp = {"name": "sctp", "port": 7777, "targetPort": 7777, "protocol": "SCTP"}
+    ip = cluster.create_service(svc("sctp", ports=[sctp]))["spec"]["clusterIP"]
+    wait_until(lambda: "default/sctp" in ruleset(cluster), timeout=20, what="SCTP Service rules")
+    assert "sctp" in ruleset(cluster).split("default/sctp", 1)[1].splitlines()[0].lower()
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+    except OSError as err:
+        pytest.skip(f"rules checked; no SCTP traffic test: this kernel has no SCTP sockets ({err.strerror})")
+    servers = [_sctp_server(cluster, pod) for pod in sorted(BACKENDS)]
+    try:
+        seen = {_sctp_request(cluster, "client1", ip) for _ in range(30)}
+    finally:
+        for server in servers:
+            server.close()
+    assert seen == BACKENDS
+
+
+def _sctp_server(lab: LabCluster, pod: str) -> socket.socket:
+    listener = socket_in_netns(lab.net.pod(pod).netns, socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    listener.bind(("0.0.0.0", 7777))
+    listener.listen(16)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.sendall(pod.encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def _sctp_request(lab: LabCluster, src: str, ip: str) -> str:
+    sock = socket_in_netns(lab.net.host(src).netns, socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    with sock:
+        sock.settimeout(2)
+        sock.connect((ip, 7777))
+        return sock.recv(100).decode()
