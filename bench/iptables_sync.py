@@ -96,7 +96,7 @@ def measure(n: int, variant: Variant, batch_chains: int | None) -> dict[str, Any
     result["mode"] = "single" if batch_chains is None else f"batched({batch_chains} chains)"
     with netns() as ns:
         kernel = TimedKernel(variant, ("ip", "netns", "exec", ns))
-        backend = IptablesBackend(CONFIG, kernel, batch_chains, local_addresses=list)
+        backend = IptablesBackend(CONFIG, kernel, batch_chains, local_addresses=lambda _family: [])
         for label, the_plans, the_changed in syncs:
             kernel.reset()
             start = time.perf_counter()

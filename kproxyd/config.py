@@ -235,18 +235,16 @@ def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyCon
     return replace(config, **nftables) if config.mode == "nftables" else config
 
 
-def local_traffic_detector(config: ProxyConfig, node: NodeInfo) -> LocalTrafficDetector | None:
-    """How pod traffic is recognised (kube-proxy's --detect-local-mode; ClusterCIDR by default).
+def local_traffic_detector(config: ProxyConfig, node: NodeInfo, family: int = 4) -> LocalTrafficDetector | None:
+    """How pod traffic of one IP family is recognised (kube-proxy's --detect-local-mode; ClusterCIDR default).
 
-    None when the chosen mode has nothing to go on (no cluster CIDR, or the Node has no pod CIDR yet), as
-    kube-proxy's no-op detector: then only --masquerade-all masquerades cluster-IP traffic.
+    None when the chosen mode has nothing to go on (no cluster CIDR of the family, or the Node has no pod
+    CIDR yet), as kube-proxy's no-op detector: then only --masquerade-all masquerades cluster-IP traffic.
     """
     mode = config.detect_local_mode or DetectLocalMode.CLUSTER_CIDR
-    if mode is DetectLocalMode.CLUSTER_CIDR:
-        cidrs = tuple(c for c in config.cluster_cidrs if ":" not in c)
-        return LocalTrafficDetector(mode, cidrs=cidrs) if cidrs else None
-    if mode is DetectLocalMode.NODE_CIDR:
-        cidrs = tuple(c for c in node.pod_cidrs if ":" not in c)
+    if mode in (DetectLocalMode.CLUSTER_CIDR, DetectLocalMode.NODE_CIDR):
+        source = config.cluster_cidrs if mode is DetectLocalMode.CLUSTER_CIDR else node.pod_cidrs
+        cidrs = tuple(c for c in source if ipaddress.ip_network(c).version == family)
         return LocalTrafficDetector(mode, cidrs=cidrs) if cidrs else None
     interface = (
         config.pod_bridge_interface

@@ -2,81 +2,120 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
+from dataclasses import replace
 from types import FrameType
 
 import structlog
 from prometheus_client import start_http_server
 
 from kproxyd.backends import Backend
-from kproxyd.config import ProxyConfig
+from kproxyd.config import PROXY_MODES, ProxyConfig
 from kproxyd.conntrack import ConntrackCleaner
 from kproxyd.healthcheck import HealthServer, ProxyHealth, ServiceHealthServers, parse_bind_address
 from kproxyd.k8s.client import build_api_client
 from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, PROXY_LABEL_SELECTOR, SERVICES, Reflector
 from kproxyd.metrics import ProxyMetrics
-from kproxyd.sync import Proxier, SyncRunner
-from kproxyd.tracker import ProxyStateTracker
+from kproxyd.sync import Proxier, SyncObserver, SyncRunner
+from kproxyd.tracker import FanOut, ProxyStateTracker
 
 log = structlog.get_logger(__name__)
 
 INFORMER_SYNC_TIMEOUT = 60.0
 
 
-def make_backend(config: ProxyConfig) -> Backend:
-    """The dataplane backend for the configured mode."""
+def proxy_families(config: ProxyConfig) -> tuple[int, ...]:
+    """The IP families to proxy: both where the kernel has IPv6 (kube-proxy's dual-stack mode), else IPv4."""
+    return (4, 6) if os.path.exists("/proc/net/if_inet6") else (4,)
+
+
+def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
+    """The dataplane backend for the configured mode and one IP family."""
+    if config.mode == "nftables":
+        from kproxyd.backends.nftables.backend import NftablesBackend
+
+        return NftablesBackend.for_config(config, family)
     from kproxyd.backends.iptables.backend import IptablesBackend
 
-    return IptablesBackend.for_config(config)
+    return IptablesBackend.for_config(config, family)
 
 
 def cleanup(config: ProxyConfig) -> int:
     """--cleanup: remove everything any kproxyd mode programmed on this node."""
-    make_backend(config).cleanup()
+    for mode in PROXY_MODES:
+        make_backend(replace(config, mode=mode)).cleanup()
     log.info("cleanup done")
     return 0
 
 
 class Daemon:
-    """One node's proxy: informers feed the tracker, the runner syncs, servers report health and metrics."""
+    """One node's proxy: informers feed a tracker per IP family, the runner syncs each family's proxier."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = ProxyMetrics()
         self.stopped = threading.Event()
-        self.tracker = ProxyStateTracker(config.hostname, family=4, on_change=self._changed)
-        backend = make_backend(config)
-        self.runner = SyncRunner(self._sync, config.min_sync_period, config.sync_period, drifted=backend.drifted)
+        families = proxy_families(config)
+        trackers = {f: ProxyStateTracker(config.hostname, family=f, on_change=self._changed) for f in families}
+        backends = {family: make_backend(config, family) for family in families}
+        self.runner = SyncRunner(
+            self._sync,
+            config.min_sync_period,
+            config.sync_period,
+            drifted=lambda: any(backend.drifted() for backend in backends.values()),
+        )
         self.health = ProxyHealth(
             2 * config.sync_period, lambda: self.runner.last_success, lambda: self.runner.oldest_pending
         )
         self.service_health = ServiceHealthServers(config.bind_address, lambda: self.health.status()[0])
-        self.proxier = Proxier(
-            self.tracker,
-            backend,
-            self.metrics,
-            observers=[
-                lambda _old, new, changed: self.service_health.on_sync(new, changed),
-                ConntrackCleaner().on_sync,
-            ],
-        )
+        self.proxiers = {
+            family: Proxier(trackers[family], backends[family], self.metrics, self._observers(family))
+            for family in families
+        }
         api = build_api_client(config.kubeconfig, config.master)
+        handler = FanOut(trackers.values())
         self.reflectors = [
-            Reflector(api, SERVICES, self.tracker, label_selector=PROXY_LABEL_SELECTOR),
-            Reflector(api, ENDPOINT_SLICES, self.tracker, label_selector=PROXY_LABEL_SELECTOR),
-            Reflector(api, NODES, self.tracker, field_selector=f"metadata.name={config.hostname}"),
+            Reflector(api, SERVICES, handler, label_selector=PROXY_LABEL_SELECTOR),
+            Reflector(api, ENDPOINT_SLICES, handler, label_selector=PROXY_LABEL_SELECTOR),
+            Reflector(api, NODES, handler, field_selector=f"metadata.name={config.hostname}"),
         ]
         self._health_server: HealthServer | None = None
+
+    def _observers(self, family: int) -> list[SyncObserver]:
+        """Follow-up work after a family's successful sync: health check ports, stale UDP flows."""
+        cleaner = ConntrackCleaner(socket.AF_INET if family == 4 else socket.AF_INET6)
+        return [
+            lambda _old, new, changed: self.service_health.on_sync(new, changed, family),
+            cleaner.on_sync,
+        ]
 
     def _changed(self) -> None:
         self.metrics.record_queued()
         self.runner.request()
 
     def _sync(self, full: bool) -> None:
-        result = self.proxier.sync(force_full=full)
-        if result.applied:
-            log.info("synced", full=result.full, changed=result.changed, service_ports=result.services)
+        """Sync every family; one family's failure does not hold back the others, and is raised after."""
+        failure: Exception | None = None
+        for family, proxier in self.proxiers.items():
+            try:
+                result = proxier.sync(force_full=full)
+            except Exception as err:
+                failure = failure or err
+                continue
+            if result.applied:
+                log.info(
+                    "synced",
+                    family=f"IPv{family}",
+                    full=result.full,
+                    changed=result.changed,
+                    service_ports=result.services,
+                    seconds=round(result.seconds, 4),
+                )
+        if failure is not None:
+            raise failure
 
     def start(self) -> None:
         """Start informers, wait for their first lists, then start syncing and serving."""
@@ -87,7 +126,7 @@ class Daemon:
             if not reflector.wait_synced(INFORMER_SYNC_TIMEOUT):
                 log.warning("informer not synced yet; starting anyway", resource=reflector.resource.kind)
         self.runner.start()
-        log.info("kproxyd started", node=self.config.hostname, mode=self.config.mode)
+        log.info("kproxyd started", node=self.config.hostname, mode=self.config.mode, families=list(self.proxiers))
 
     def _start_servers(self) -> None:
         healthz = parse_bind_address(self.config.healthz_bind_address, 10256)

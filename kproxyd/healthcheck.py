@@ -119,7 +119,7 @@ class ServiceHealthServers:
         self._bind_host = bind_host
         self._proxy_healthy = proxy_healthy
         self._local: dict[tuple[str, str], int] = {}
-        self._checked: dict[ServicePortName, tuple[int, tuple[str, str], int]] = {}
+        self._checked: dict[tuple[int, ServicePortName], tuple[int, tuple[str, str], int]] = {}
         self._servers: dict[int, tuple[tuple[str, str], ThreadingHTTPServer]] = {}
         self._lock = threading.Lock()
 
@@ -133,18 +133,23 @@ class ServiceHealthServers:
                 if port not in self._servers:
                     self._open(port, service)
 
-    def on_sync(self, plans: Mapping[ServicePortName, ServicePlan], changed: Set[ServicePortName] | None) -> None:
-        """Follow a successful sync: open, close and update servers for Services with a Local external policy."""
+    def on_sync(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: Set[ServicePortName] | None, family: int = 4
+    ) -> None:
+        """Follow one IP family's successful sync: open, close and update servers (Local external policy).
+
+        A dual-stack Service is counted in both families; its port reports the larger local count.
+        """
         names = plans.keys() if changed is None else changed
         if changed is None:
-            self._checked.clear()
+            self._checked = {key: value for key, value in self._checked.items() if key[0] != family}
         for name in names:
             plan = plans.get(name)
             port = plan.port.health_check_node_port if plan and plan.port.external_policy_local else None
             if plan and port:
-                self._checked[name] = (port, (name.namespace, name.name), plan.local_ready_count)
+                self._checked[family, name] = (port, (name.namespace, name.name), plan.local_ready_count)
             else:
-                self._checked.pop(name, None)
+                self._checked.pop((family, name), None)
         wanted: dict[int, tuple[tuple[str, str], int]] = {}
         for port, service, count in self._checked.values():
             previous = wanted.get(port, (service, 0))[1]

@@ -31,6 +31,7 @@ class SyncResult:
     changed: int  # ServicePorts whose plan changed (all of them on a full sync)
     services: int  # ServicePorts programmed in total
     applied: bool  # False when there was nothing to write
+    seconds: float = 0.0  # how long the backend took to write it
 
 
 SyncObserver = Callable[
@@ -78,10 +79,11 @@ class Proxier:
             self._tracker.request_full()
             self._metrics.sync_failures.inc()
             raise
-        self._metrics.record_sync(time.monotonic() - start, changes.full, plans.values())
+        seconds = time.monotonic() - start
+        self._metrics.record_sync(seconds, changes.full, plans.values())
         old, self._plans = self._plans, plans
         self._notify(old, plans, None if changes.full else changed)
-        return SyncResult(changes.full, len(changed), len(plans), applied=True)
+        return SyncResult(changes.full, len(changed), len(plans), applied=True, seconds=seconds)
 
     def _notify(
         self,

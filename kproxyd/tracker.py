@@ -224,3 +224,25 @@ class ProxyStateTracker:
                         if _family_of(ep.ip) == self._family:
                             merged[name].setdefault((ep.ip, ep.port), ep)  # dedup across slices
         return ServiceView(key, ports, {name: tuple(eps.values()) for name, eps in merged.items()})
+
+
+class FanOut:
+    """Hands every informer event to several handlers: one ProxyStateTracker per IP family."""
+
+    def __init__(self, handlers: Iterable[ProxyStateTracker]) -> None:
+        self._handlers = tuple(handlers)
+
+    def replace(self, kind: str, objects: list[dict[str, Any]]) -> None:
+        """A (re)list, to every handler."""
+        for handler in self._handlers:
+            handler.replace(kind, objects)
+
+    def upsert(self, kind: str, obj: dict[str, Any]) -> None:
+        """An added or modified object, to every handler."""
+        for handler in self._handlers:
+            handler.upsert(kind, obj)
+
+    def delete(self, kind: str, obj: dict[str, Any]) -> None:
+        """A deleted object, to every handler."""
+        for handler in self._handlers:
+            handler.delete(kind, obj)

@@ -27,7 +27,7 @@ from kproxyd.lab.store import ObjectStore, now_rfc3339
 log = structlog.get_logger(__name__)
 
 API_PORT = 6443
-CLUSTER_CIDR = "10.244.0.0/16"
+CLUSTER_CIDR = "10.244.0.0/16,fd00:244::/32"
 T = TypeVar("T")
 
 
@@ -116,10 +116,11 @@ class LabCluster:
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": name, "labels": labels},
-                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr, node.pod_cidr6]},
                 "status": {
                     "addresses": [
                         {"type": "InternalIP", "address": node.ip},
+                        {"type": "InternalIP", "address": node.ip6},
                         {"type": "Hostname", "address": name},
                     ]
                 },
@@ -165,6 +166,11 @@ class LabCluster:
         path = self.workdir / f"kproxyd-{node}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def ruleset(self, node: str) -> str:
+        """Everything programmed in a node's namespace, whatever the mode: iptables-save, ip6tables-save, nft."""
+        run = [["iptables-save"], ["ip6tables-save"], ["nft", "list", "ruleset"]]
+        return "".join(self.net.exec(node, argv, check=False).stdout for argv in run)
+
     def iptables_save(self, node: str, table: str = "nat") -> str:
         """iptables-save of one table in a node's namespace."""
         return self.net.exec(node, ["iptables-save", "-t", table]).stdout
@@ -194,7 +200,7 @@ class LabCluster:
                 "status": {
                     "phase": "Running",
                     "podIP": pod.ip,
-                    "podIPs": [{"ip": pod.ip}],
+                    "podIPs": [{"ip": pod.ip}, {"ip": pod.ip6}],
                     "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
                 },
             },

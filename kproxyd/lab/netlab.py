@@ -5,6 +5,8 @@ Layout (PREFIX is "kp" + 4 random hex digits, unique per lab):
   PREFIX-NODE     eth0 172.28.0.(10+i)/24, cbr0 10.244.i.1/24, default via 172.28.0.1
   PREFIX-p-N      a pod: eth0 10.244.i.(2..254)/24, default via 10.244.i.1, runs kproxyd.lab.podserver
   PREFIX-x-NAME   an external client: eth0 172.28.0.(200+k)/24, default via 172.28.0.1
+Every host is dual-stack: the LAN is also fd00:28::/64 (gateway ::1, node i ::(10+i), clients ::(200+k)),
+node i's pods also fd00:244:i::/64 (cbr0 ::1), a pod's host part the same as in its IPv4 address.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = structlog.get_logger(__name__)
 STATE_DIR = "/run/kproxyd-lab"
 LAN_GATEWAY = "172.28.0.1"
 LAN_PREFIXLEN = 24
+LAN_GATEWAY6 = "fd00:28::1"
 API_PORT = 6443
 MAX_NODES = 100
 POD_READY_TIMEOUT = 10.0
@@ -46,6 +49,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 # Every lab namespace: answer REJECTs at once, and never drop asymmetric pod/service paths.
 _COMMON_SYSCTLS = {
     "net.ipv4.icmp_ratelimit": 0,
+    "net.ipv6.icmp.ratelimit": 0,
     # The global ICMP budget (per namespace on this kernel) also throttles REJECT answers under probing.
     "net.ipv4.icmp_msgs_per_sec": 100000,
     "net.ipv4.icmp_msgs_burst": 10000,
@@ -55,6 +59,7 @@ _COMMON_SYSCTLS = {
 _NODE_SYSCTLS = {
     **_COMMON_SYSCTLS,
     "net.ipv4.ip_forward": 1,
+    "net.ipv6.conf.all.forwarding": 1,
     "net.bridge.bridge-nf-call-iptables": 1,
     "net.bridge.bridge-nf-call-ip6tables": 1,
 }
@@ -79,6 +84,7 @@ class LabHost:
     name: str
     netns: str
     ip: str
+    ip6: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +97,18 @@ class LabNode:
     pod_cidr: str
     gateway: str
     index: int
+    ip6: str = ""
+    pod_cidr6: str = ""
 
     @property
     def pod_gateway(self) -> str:
         """cbr0's address, the first host of the pod CIDR."""
         return str(next(ipaddress.ip_network(self.pod_cidr).hosts()))
+
+    @property
+    def pod_gateway6(self) -> str:
+        """cbr0's IPv6 address."""
+        return str(next(ipaddress.ip_network(self.pod_cidr6).hosts()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +121,7 @@ class LabPod:
     netns: str
     tcp_ports: tuple[int, ...] = ()
     udp_ports: tuple[int, ...] = ()
+    ip6: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,19 +306,22 @@ class NetLab:
         netns = self._new_netns("lan", _LAN_SYSCTLS)
         ip_in(netns, "link", "add", "br0", "type", "bridge")
         ip_in(netns, "addr", "add", f"{LAN_GATEWAY}/{LAN_PREFIXLEN}", "dev", "br0")
+        ip_in(netns, "addr", "add", f"{LAN_GATEWAY6}/64", "dev", "br0", "nodad")
         ip_in(netns, "link", "set", "br0", "up")
-        lan = LabHost("lan", netns, LAN_GATEWAY)
+        lan = LabHost("lan", netns, LAN_GATEWAY, LAN_GATEWAY6)
         self._register(lan)
         log.info("lab LAN up", prefix=self.prefix, netns=netns)
         return lan
 
-    def _plug_into_lan(self, lan_veth: str, netns: str, address: str) -> None:
-        """A veth from the LAN bridge to eth0 of netns, with address and a default route via the gateway."""
+    def _plug_into_lan(self, lan_veth: str, netns: str, address: str, address6: str) -> None:
+        """A veth from the LAN bridge to eth0 of netns, with addresses and default routes via the gateway."""
         ip_in(self.lan.netns, "link", "add", lan_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         ip_in(self.lan.netns, "link", "set", lan_veth, "master", "br0", "up")
         ip_in(netns, "addr", "add", f"{address}/{LAN_PREFIXLEN}", "dev", "eth0")
+        ip_in(netns, "addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
         ip_in(netns, "link", "set", "eth0", "up")
         ip_in(netns, "route", "add", "default", "via", LAN_GATEWAY)
+        ip_in(netns, "-6", "route", "add", "default", "via", LAN_GATEWAY6)
 
     def add_node(self, name: str) -> LabNode:
         """Add node i: eth0 172.28.0.(10+i), cbr0 10.244.i.1/24, routes to every other node's pod CIDR."""
@@ -313,15 +330,27 @@ class NetLab:
         if index > MAX_NODES:
             raise ValueError(f"a lab holds at most {MAX_NODES} nodes")
         netns = self._new_netns(name, _NODE_SYSCTLS)
-        node = LabNode(name, netns, f"172.28.0.{10 + index}", f"10.244.{index}.0/24", LAN_GATEWAY, index)
+        node = LabNode(
+            name,
+            netns,
+            f"172.28.0.{10 + index}",
+            f"10.244.{index}.0/24",
+            LAN_GATEWAY,
+            index,
+            ip6=f"fd00:28::{10 + index}",
+            pod_cidr6=f"fd00:244:{index}::/64",
+        )
         state = _NodeState(node)
-        self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip)
+        self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip, node.ip6)
         ip_in(netns, "link", "add", "cbr0", "type", "bridge")
         ip_in(netns, "addr", "add", f"{node.pod_gateway}/24", "dev", "cbr0")
+        ip_in(netns, "addr", "add", f"{node.pod_gateway6}/64", "dev", "cbr0", "nodad")
         ip_in(netns, "link", "set", "cbr0", "up")
         for other in self._nodes.values():
             ip_in(netns, "route", "add", other.node.pod_cidr, "via", other.node.ip)
             ip_in(other.node.netns, "route", "add", node.pod_cidr, "via", node.ip)
+            ip_in(netns, "-6", "route", "add", other.node.pod_cidr6, "via", other.node.ip6)
+            ip_in(other.node.netns, "-6", "route", "add", node.pod_cidr6, "via", node.ip6)
         self._nodes[name] = state
         self._register(node)
         log.info("lab node up", node=name, netns=netns, ip=node.ip, pod_cidr=node.pod_cidr)
@@ -335,8 +364,8 @@ class NetLab:
             raise ValueError("no LAN addresses left for external clients")
         netns = self._new_netns(f"x-{name}", _COMMON_SYSCTLS)
         self._externals += 1
-        host = LabHost(name, netns, f"172.28.0.{200 + k}")
-        self._plug_into_lan(f"{self.prefix}x{k}", netns, host.ip)
+        host = LabHost(name, netns, f"172.28.0.{200 + k}", f"fd00:28::{200 + k}")
+        self._plug_into_lan(f"{self.prefix}x{k}", netns, host.ip, host.ip6)
         self._register(host)
         log.info("lab external client up", name=name, netns=netns, ip=host.ip)
         return host
@@ -363,7 +392,9 @@ class NetLab:
         self._counter += 1
         netns = self._new_netns(f"p-{self._counter}", _COMMON_SYSCTLS)
         pod_ip = self._allocate_pod_ip(state)
-        pod = LabPod(name, node, pod_ip, netns, tuple(tcp_ports), tuple(udp_ports))
+        host_part = int(ipaddress.ip_address(pod_ip)) - int(ipaddress.ip_network(state.node.pod_cidr)[0])
+        pod_ip6 = str(ipaddress.ip_network(state.node.pod_cidr6)[host_part])
+        pod = LabPod(name, node, pod_ip, netns, tuple(tcp_ports), tuple(udp_ports), pod_ip6)
         self._register(pod)
         self._pods[name] = pod
         host_veth = self._pod_veths[name] = f"{self.prefix}v{self._counter}"
@@ -373,8 +404,10 @@ class NetLab:
         # As kubelet's hairpin-veth mode: a pod reaching itself through a Service is bridged back to its port.
         ip_in(node_ns, "link", "set", host_veth, "type", "bridge_slave", "hairpin", "on")
         ip_in(netns, "addr", "add", f"{pod_ip}/24", "dev", "eth0")
+        ip_in(netns, "addr", "add", f"{pod_ip6}/64", "dev", "eth0", "nodad")
         ip_in(netns, "link", "set", "eth0", "up")
         ip_in(netns, "route", "add", "default", "via", state.node.pod_gateway)
+        ip_in(netns, "-6", "route", "add", "default", "via", state.node.pod_gateway6)
         self._pod_procs[name] = self._start_pod_server(pod)
         log.info("lab pod up", pod=name, node=node, ip=pod_ip, netns=netns)
         return pod

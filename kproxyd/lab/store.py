@@ -9,7 +9,7 @@ import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,13 +165,14 @@ def parse_field_selector(selector: str) -> Callable[[Obj], bool]:
 class ServiceAllocator:
     """Cluster IPs and node ports owned by Services, validated and allocated like the real registry."""
 
-    def __init__(self, service_cidr: str, node_port_range: tuple[int, int]) -> None:
-        self.network = ipaddress.ip_network(service_cidr)
+    def __init__(self, service_cidrs: Sequence[str], node_port_range: tuple[int, int]) -> None:
+        networks = [ipaddress.ip_network(cidr) for cidr in service_cidrs]
+        self.networks = {f"IPv{net.version}": net for net in networks}
         self.node_port_range = node_port_range
         self._ips: dict[str, str] = {}
         self._ports: dict[int, str] = {}
-        self._held: dict[str, tuple[str | None, list[int]]] = {}
-        self._next_ip = 10
+        self._held: dict[str, tuple[list[str], list[int]]] = {}
+        self._next_ip = dict.fromkeys(self.networks, 10)
         self._next_port = node_port_range[0]
 
     def apply(self, key: str, svc: Obj, old: Obj | None) -> None:
@@ -182,50 +183,76 @@ class ServiceAllocator:
         old_spec = (old or {}).get("spec")
         old_spec = old_spec if isinstance(old_spec, dict) else {}
         _default_service(spec)
-        ip = self._cluster_ip(key, spec, old_spec)
+        ips = self._cluster_ips(key, spec, old_spec)
         ports = self._node_ports(key, spec, old_spec)
         self.release(key)
-        if ip:
+        for ip in ips:
             self._ips[ip] = key
         for port in ports:
             self._ports[port] = key
-        self._held[key] = (ip, ports)
+        self._held[key] = (ips, ports)
 
     def release(self, key: str) -> None:
         """Free every IP and port the Service key holds."""
-        ip, ports = self._held.pop(key, (None, []))
-        if ip:
+        ips, ports = self._held.pop(key, ([], []))
+        for ip in ips:
             del self._ips[ip]
         for port in ports:
             del self._ports[port]
 
-    def _cluster_ip(self, key: str, spec: Obj, old_spec: Obj) -> str | None:
+    def _cluster_ips(self, key: str, spec: Obj, old_spec: Obj) -> list[str]:
+        """Keep, validate or allocate one cluster IP per IP family the Service asks for."""
         if spec["type"] == "ExternalName":
-            spec.pop("clusterIP", None)
-            spec.pop("clusterIPs", None)
-            return None
-        old_ip = old_spec.get("clusterIP") or ""
-        ip = spec.get("clusterIP") or old_ip
-        if old_ip and ip != old_ip:
-            raise invalid(f"spec.clusterIP: Invalid value: {ip!r}: field is immutable")
-        if ip == "None":
+            for field in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                spec.pop(field, None)
+            return []
+        old = old_spec.get("clusterIPs") or ([old_spec["clusterIP"]] if old_spec.get("clusterIP") else [])
+        given = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else []) or old
+        if old and given[0] != old[0]:
+            raise invalid(f"spec.clusterIPs[0]: Invalid value: {given[0]!r}: field is immutable")
+        families = self._families(spec, given)
+        if given == ["None"]:
             spec["clusterIP"], spec["clusterIPs"] = "None", ["None"]
-            return None
-        if not ip:
-            ip = self._free_ip(key)
-        elif not _in_network(ip, self.network):
-            raise invalid(f"spec.clusterIP: Invalid value: {ip!r}: not in the service CIDR {self.network}")
-        elif self._ips.get(ip, key) != key:
-            raise invalid(f"spec.clusterIP: Invalid value: {ip!r}: provided IP is already allocated")
-        spec["clusterIP"], spec["clusterIPs"] = ip, [ip]
-        return str(ip)
+            return []
+        ips = [
+            self._claim_ip(key, family, given[i] if i < len(given) else None) for i, family in enumerate(families)
+        ]
+        spec["clusterIP"], spec["clusterIPs"], spec["ipFamilies"] = ips[0], ips, families
+        return ips
 
-    def _free_ip(self, key: str) -> str:
-        hosts = self.network.num_addresses - 2
+    def _families(self, spec: Obj, given: list[str]) -> list[str]:
+        """ipFamilies after the registry's defaulting: single stack, or both families in the asked order."""
+        policy = spec.setdefault("ipFamilyPolicy", "SingleStack")
+        if policy not in ("SingleStack", "PreferDualStack", "RequireDualStack"):
+            raise invalid(f"spec.ipFamilyPolicy: Unsupported value: {policy!r}")
+        asked = list(spec.get("ipFamilies") or [])
+        if not asked and given and given != ["None"]:
+            asked = [f"IPv{ipaddress.ip_address(ip).version}" for ip in given if _is_ip(ip)]
+        families = list(dict.fromkeys(asked or ["IPv4"]))
+        if policy != "SingleStack":
+            families += [f for f in ("IPv4", "IPv6") if f not in families]
+        families = [f for f in families if f in self.networks]
+        if not families or any(f not in ("IPv4", "IPv6") for f in asked):
+            raise invalid(f"spec.ipFamilies: Invalid value: {asked!r}: not configured on this cluster")
+        return families[:1] if policy == "SingleStack" else families
+
+    def _claim_ip(self, key: str, family: str, ip: str | None) -> str:
+        network = self.networks[family]
+        if not ip:
+            return self._free_ip(key, family)
+        if not _in_network(ip, network):
+            raise invalid(f"spec.clusterIPs: Invalid value: {ip!r}: not in the service CIDR {network}")
+        if self._ips.get(ip, key) != key:
+            raise invalid(f"spec.clusterIPs: Invalid value: {ip!r}: provided IP is already allocated")
+        return str(ipaddress.ip_address(ip))
+
+    def _free_ip(self, key: str, family: str) -> str:
+        network = self.networks[family]
+        hosts = min(network.num_addresses - 2, 1 << 20)
         for _ in range(hosts):
-            offset = self._next_ip
-            self._next_ip = self._next_ip + 1 if self._next_ip < hosts else 2
-            ip = str(self.network.network_address + offset)
+            offset = self._next_ip[family]
+            self._next_ip[family] = offset + 1 if offset < hosts else 2
+            ip = str(network.network_address + offset)
             if self._ips.get(ip, key) == key:
                 return ip
         raise ApiError(500, "InternalError", "failed to allocate a serviceIP: range is full")
@@ -280,6 +307,14 @@ class ServiceAllocator:
         raise ApiError(500, "InternalError", "failed to allocate a nodePort: range is full")
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _in_network(ip: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     try:
         return ipaddress.ip_address(ip) in network
@@ -302,8 +337,6 @@ def _default_service(spec: Obj) -> None:
             raise invalid("spec.externalName: Required value")
     else:
         spec.setdefault("internalTrafficPolicy", "Cluster")
-        spec.setdefault("ipFamilies", ["IPv4"])
-        spec.setdefault("ipFamilyPolicy", "SingleStack")
         if not ports and spec.get("clusterIP") != "None":
             raise invalid("spec.ports: Required value")
     if svc_type in ("NodePort", "LoadBalancer"):
@@ -339,7 +372,7 @@ class ObjectStore:
     def __init__(
         self,
         history: int = 1000,
-        service_cidr: str = "10.96.0.0/16",
+        service_cidrs: Sequence[str] = ("10.96.0.0/16", "fd00:96::/112"),
         node_port_range: tuple[int, int] = (30000, 32767),
     ) -> None:
         self._lock = threading.RLock()
@@ -352,7 +385,7 @@ class ObjectStore:
         self._subscribers: list[Subscriber] = []
         self._pending: deque[Event] = deque()
         self._dispatching = False
-        self.allocator = ServiceAllocator(service_cidr, node_port_range)
+        self.allocator = ServiceAllocator(service_cidrs, node_port_range)
 
     @property
     def lock(self) -> threading.RLock:

@@ -9,7 +9,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster
 
-PROXY_MODES = ["iptables"]
+PROXY_MODES = ["iptables", "nftables"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -110,13 +110,15 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.add_pod("ct-client", "node1", {"app": "ct-client"})
     for node in ("node1", "node2"):
         lab.start_proxy(node, [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
-    _wait_for_rule(lab, "-A KUBE-SERVICES")  # conntrack tracks node1's traffic from now on
+    # Once kproxyd's nat rules (or nat table) exist, conntrack tracks node1's traffic.
+    mode = lab.mode  # type: ignore[attr-defined]
+    _wait_for_rule(lab, "-A KUBE-SERVICES" if mode == "iptables" else "table ip kube-proxy")
     yield lab
 
 
 def _wait_for_rule(lab: LabCluster, text: str) -> None:
-    """Wait until node1's nat table has a rule containing text (without sending traffic)."""
-    wait_until(lambda: text in lab.iptables_save("node1"), what=f"{text!r} on node1")
+    """Wait until node1's rules contain text (without sending traffic)."""
+    wait_until(lambda: text in lab.ruleset("node1"), what=f"{text!r} on node1")
 
 
 def _send(lab: LabCluster, ip: str, source_port: int) -> Reply | Exception:
@@ -137,7 +139,7 @@ def test_removed_endpoint_flow_moves_to_a_live_pod(cluster: LabCluster) -> None:
     ]
     ip = cluster.create_service(svc("ct-removed", {"app": "ct"}))["spec"]["clusterIP"]
     for pod in pods:  # both endpoints programmed before any traffic
-        _wait_for_rule(cluster, f"default/ct-removed:dns -> {pod.ip}")
+        _wait_for_rule(cluster, f"{pod.ip}:8053")  # its DNAT, in either mode
     pinned = next(p for p in range(41000, 41200) if _answered_by(cluster, ip, p, "ct-a"))
     cluster.delete_pod("ct-a")
     wait_until(lambda: _answered_by(cluster, ip, pinned, "ct-b"), timeout=5, what="the flow to move to ct-b")

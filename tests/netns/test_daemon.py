@@ -48,12 +48,6 @@ def healthz(lab: LabCluster, node: str = "node1") -> int:
         return 0
 
 
-def kube_chains(lab: LabCluster, node: str = "node1") -> list[str]:
-    """The KUBE- chains and jump rules in a node's nat and filter tables."""
-    text = lab.iptables_save(node, "nat") + lab.iptables_save(node, "filter")
-    return [line for line in text.splitlines() if "KUBE-" in line]
-
-
 @pytest.fixture(scope="module")
 def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     """One node with kproxyd, a backend pod and a client pod."""
@@ -123,7 +117,7 @@ def test_too_old_resource_version_relists_without_flushing(cluster: LabCluster) 
     cluster.store.compact()  # history gone: resuming the watch gets 410 Gone, so kproxyd must re-list
     cluster.start_api()
     wait_until(
-        lambda: '"default/while-down:http' not in "\n".join(kube_chains(cluster)),
+        lambda: "default/while-down" not in cluster.ruleset("node1"),
         timeout=60,
         what="the deleted Service's rules to go after the re-list",
     )
@@ -159,7 +153,8 @@ def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> N
     cluster.stop_proxy("node1")
     cleanup = cluster.net.exec("node1", [*cluster.proxy_argv("node1"), "--cleanup"], check=False)
     assert cleanup.returncode == 0, cleanup.stderr
-    assert kube_chains(cluster) == []
+    rules = cluster.ruleset("node1")
+    assert "KUBE-" not in rules and "kube-proxy" not in rules
     with pytest.raises(OSError):
         cluster.request("client", web, 80, timeout=0.5)
 

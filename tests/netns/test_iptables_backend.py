@@ -60,7 +60,9 @@ def make_kernel() -> Iterator[Callable[[], IptablesKernel]]:
 
 def backend(kernel: IptablesKernel, batch_chains: int | None) -> IptablesBackend:
     """A backend whose node has 192.168.0.2 and 10.1.0.1 on its interfaces."""
-    return IptablesBackend(CONFIG, kernel, batch_chains, local_addresses=lambda: ["192.168.0.2", "10.1.0.1"])
+    return IptablesBackend(
+        CONFIG, kernel, batch_chains, local_addresses=lambda _family: ["192.168.0.2", "10.1.0.1"]
+    )
 
 
 def ruleset(kernel: IptablesKernel) -> list[str]:

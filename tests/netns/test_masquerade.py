@@ -65,7 +65,9 @@ def masqueraded(lab: LabCluster, src: str, src_ip: str) -> bool:
     ],
     ids=["ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix", "masquerade-all", "no-detector"],
 )
-def test_masquerade(cluster: LabCluster, flags: list[str], pod_masqueraded: bool, outside_masqueraded: bool) -> None:
+def test_masquerade(
+    cluster: LabCluster, flags: list[str], pod_masqueraded: bool, outside_masqueraded: bool
+) -> None:
     cluster.stop_proxy("node1")
     mode = f"--proxy-mode={cluster.mode}"  # type: ignore[attr-defined]
     cluster.start_proxy("node1", [mode, *flags])

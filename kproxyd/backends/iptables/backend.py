@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Callable, Collection, Mapping
 
 import structlog
 
 from kproxyd.backends.iptables.kernel import (
     IptablesKernel,
+    Variant,
     detect_iptables_variant,
-    local_ipv4_addresses,
+    local_addresses,
 )
 from kproxyd.backends.iptables.render import IptablesRenderer, IptablesRenderOptions
 from kproxyd.config import ProxyConfig, local_traffic_detector
@@ -24,28 +26,33 @@ log = structlog.get_logger(__name__)
 DEFAULT_BATCH_CHAINS = 2000
 
 
-def nodeport_ips(cidrs: Collection[str], node: NodeInfo, local_ips: Collection[str]) -> tuple[str, ...] | None:
-    """kube-proxy's node-port addresses: the local IPv4 addresses in `cidrs` as /32s; None for all of them."""
-    ipv4 = [cidr for cidr in cidrs if ":" not in cidr]
-    networks = [ipaddress.ip_network(cidr) for cidr in ipv4 if cidr != "primary"]
-    if not ipv4 or any(net.prefixlen == 0 for net in networks):
+def nodeport_ips(
+    cidrs: Collection[str], node: NodeInfo, local_ips: Collection[str], family: int = 4
+) -> tuple[str, ...] | None:
+    """kube-proxy's node-port addresses: the local addresses in `cidrs` as host routes; None for all of them."""
+    own = [c for c in cidrs if c == "primary" or ipaddress.ip_network(c).version == family]
+    networks = [ipaddress.ip_network(cidr) for cidr in own if cidr != "primary"]
+    if not own or any(net.prefixlen == 0 for net in networks):
         return None
-    primary = set(node.addresses) if "primary" in ipv4 else set()
+    primary = set(node.addresses) if "primary" in own else set()
     wanted = {ip for ip in local_ips if ip in primary or any(ipaddress.ip_address(ip) in n for n in networks)}
     if not wanted:
-        log.warning("no local address matches nodePortAddresses: node ports unreachable", cidrs=ipv4)
-    return tuple(f"{ip}/32" for ip in sorted(wanted, key=ipaddress.ip_address))
+        log.warning("no local address matches nodePortAddresses: node ports unreachable", cidrs=own)
+    host = 32 if family == 4 else 128
+    return tuple(f"{ip}/{host}" for ip in sorted(wanted, key=ipaddress.ip_address))
 
 
-def render_options(config: ProxyConfig, node: NodeInfo, local_ips: Collection[str]) -> IptablesRenderOptions:
-    """The renderer's options for this node, given its local IPv4 addresses."""
+def render_options(
+    config: ProxyConfig, node: NodeInfo, local_ips: Collection[str], family: int = 4
+) -> IptablesRenderOptions:
+    """The renderer's options for this node and IP family, given its local addresses of that family."""
     return IptablesRenderOptions(
         masquerade_bit=config.masquerade_bit,
         masquerade_all=config.masquerade_all,
-        local_detector=local_traffic_detector(config, node),
-        nodeport_addresses=nodeport_ips(config.nodeport_addresses, node, local_ips),
-        node_ips=tuple(ip for ip in node.addresses if ":" not in ip),
-        localhost_nodeports=localhost_nodeports(config),
+        local_detector=local_traffic_detector(config, node, family),
+        nodeport_addresses=nodeport_ips(config.nodeport_addresses, node, local_ips, family),
+        node_ips=tuple(ip for ip in node.addresses if ipaddress.ip_address(ip).version == family),
+        localhost_nodeports=family == 4 and localhost_nodeports(config),
     )
 
 
@@ -71,7 +78,7 @@ class IptablesBackend:
         config: ProxyConfig,
         kernel: IptablesKernel,
         batch_chains: int | None = DEFAULT_BATCH_CHAINS,
-        local_addresses: Callable[[], list[str]] = local_ipv4_addresses,
+        local_addresses: Callable[[int], list[str]] = local_addresses,
     ) -> None:
         """batch_chains None (always so on legacy): one restore; local_addresses is read on every full sync."""
         self._config = config
@@ -83,9 +90,9 @@ class IptablesBackend:
         self._chains: set[str] | None = None  # kproxyd chains in the kernel; None until read back
 
     @classmethod
-    def for_config(cls, config: ProxyConfig) -> IptablesBackend:
-        """The backend on the iptables variant this node already uses."""
-        return cls(config, IptablesKernel(detect_iptables_variant()))
+    def for_config(cls, config: ProxyConfig, family: int = 4) -> IptablesBackend:
+        """The backend for one IP family, on the iptables variant this node already uses."""
+        return cls(config, IptablesKernel(detect_iptables_variant(), family=family))
 
     def apply(
         self,
@@ -96,7 +103,8 @@ class IptablesBackend:
         """Render and restore; a full sync (also on a Node change) re-reads addresses, chains and jumps."""
         if changed is None or self._chains is None or self._renderer is None or node != self._node:
             self._node = node
-            options = render_options(self._config, node, self._local_addresses())
+            family = self._kernel.family
+            options = render_options(self._config, node, self._local_addresses(family), family)
             self._renderer = IptablesRenderer(options)
             if options.localhost_nodeports:
                 self._kernel.enable_route_localnet()
@@ -150,8 +158,9 @@ class IptablesBackend:
 
     def cleanup(self) -> None:
         """Remove kproxyd's chains and jumps from both iptables variants."""
-        for variant in ("nft", "legacy"):
+        variants: tuple[Variant, ...] = ("nft", "legacy")
+        for variant, family in itertools.product(variants, (4, 6)):
             try:
-                IptablesKernel(variant).cleanup()
+                IptablesKernel(variant, family=family).cleanup()
             except (OSError, RuntimeError) as err:
                 log.warning("iptables cleanup incomplete", variant=variant, error=str(err))

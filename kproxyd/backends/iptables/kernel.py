@@ -107,13 +107,12 @@ def _count_kube_rules(save_output: str) -> int:
     return sum(1 for line in save_output.splitlines() if line.startswith("-") and "kube-" in line.lower())
 
 
-def local_ipv4_addresses() -> list[str]:
-    """The IPv4 addresses of every interface in this network namespace."""
+def local_addresses(family: int = 4) -> list[str]:
+    """The addresses of one IP family (4 or 6) on every interface in this network namespace."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
     with IPRoute() as ipr:
         # IFA_LOCAL is the local end of a point-to-point link, whose IFA_ADDRESS is the peer.
-        return [
-            str(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=socket.AF_INET)
-        ]
+        return [str(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=af)]
 
 
 def detect_iptables_variant(
@@ -142,15 +141,17 @@ def detect_iptables_variant(
 class IptablesKernel:
     """Runs one iptables variant's binaries, optionally behind a command prefix (e.g. ip netns exec)."""
 
-    def __init__(self, variant: Variant, prefix: Sequence[str] = ()) -> None:
-        """Use iptables-<variant>, -restore and -save, each run as prefix + argv."""
+    def __init__(self, variant: Variant, prefix: Sequence[str] = (), family: int = 4) -> None:
+        """Use (ip6)iptables-<variant>, -restore and -save, each run as prefix + argv."""
         self.variant = variant
         self._prefix = tuple(prefix)
-        self._iptables = f"iptables-{variant}"
+        self.family = family
+        self._binary = "iptables" if family == 4 else "ip6tables"
+        self._iptables = f"{self._binary}-{variant}"
 
     def restore(self, text: str) -> None:
         """Apply a render with iptables-restore --noflush; atomic per table, raises on refusal."""
-        proc = _run([*self._prefix, f"iptables-{self.variant}-restore", "--noflush", "--wait"], text)
+        proc = _run([*self._prefix, f"{self._iptables}-restore", "--noflush", "--wait"], text)
         if proc.returncode == 0:
             return
         match = _LINE_NUMBER.search(proc.stderr)
@@ -162,7 +163,7 @@ class IptablesKernel:
 
     def save(self, table: str | None = None) -> str:
         """iptables-save output of one table, or of all tables."""
-        argv = [*self._prefix, f"iptables-{self.variant}-save"]
+        argv = [*self._prefix, f"{self._iptables}-save"]
         return self._check([*argv, "-t", table] if table else argv).stdout
 
     def list_chains(self) -> set[str]:

@@ -1,0 +1,79 @@
+"""The nftables backend's contact with the kernel: `nft -f -` transactions, listing and deleting the table.
+
+Thin on purpose: every command text comes from transaction.py; this module only runs the nft binary, in
+this namespace or behind a command prefix such as ("ip", "netns", "exec", NAME).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Sequence
+
+import structlog
+
+from kproxyd.backends.nftables.names import TABLE
+from kproxyd.backends.nftables.transaction import TableObjects
+
+log = structlog.get_logger(__name__)
+
+_LINE_NUMBER = re.compile(r"^/dev/stdin:(\d+):", re.MULTILINE)
+
+
+class NftError(RuntimeError):
+    """nft refused a transaction; nothing of it was applied."""
+
+    def __init__(self, stderr: str, line: int | None, line_text: str | None) -> None:
+        """Keep nft's message and the offending input line, when it named one."""
+        super().__init__(f"nft failed at line {line}: {line_text!r}: {stderr.strip()[:2000]}")
+        self.stderr = stderr
+        self.line = line
+        self.line_text = line_text
+
+
+class NftKernel:
+    """Runs the nft binary, optionally behind a command prefix (e.g. ip netns exec)."""
+
+    def __init__(self, prefix: Sequence[str] = (), nft: str = "nft") -> None:
+        """Run nft as prefix + argv."""
+        self._argv = (*prefix, nft)
+
+    def run(self, text: str) -> None:
+        """Apply one transaction with `nft -f -`; atomic, raises NftError on refusal."""
+        proc = subprocess.run([*self._argv, "-f", "-"], input=text, capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return
+        match = _LINE_NUMBER.search(proc.stderr)
+        line = int(match.group(1)) if match else None
+        lines = text.splitlines()
+        line_text = lines[line - 1] if line is not None and 0 < line <= len(lines) else None
+        log.error("nft failed", line=line, line_text=line_text, stderr=proc.stderr.strip()[:2000])
+        raise NftError(proc.stderr, line, line_text)
+
+    def list(self, *args: str) -> str:
+        """The output of `nft ARGS`."""
+        proc = subprocess.run([*self._argv, *args], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise NftError(proc.stderr, None, None)
+        return proc.stdout
+
+    def objects(self, family: str, table: str = TABLE) -> TableObjects:
+        """The chains and sets (maps included) of one table; empty when it does not exist."""
+        found: dict[str, set[str]] = {"chain": set(), "set": set(), "map": set()}
+        for kind in found:
+            for item in json.loads(self.list("-j", "list", f"{kind}s", family))["nftables"]:
+                obj = item.get(kind)
+                if obj is not None and obj["table"] == table:
+                    found[kind].add(obj["name"])
+        return TableObjects(frozenset(found["chain"]), frozenset(found["set"] | found["map"]))
+
+    def has_chain(self, family: str, chain: str, table: str = TABLE) -> bool:
+        """True when the table holds the chain."""
+        argv = [*self._argv, "list", "chain", family, table, chain]
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+    def delete_table(self, family: str, table: str = TABLE) -> None:
+        """Delete the table if it exists (adding it first makes the delete unconditional)."""
+        self.run(f"add table {family} {table}\ndelete table {family} {table}\n")
+        log.info("nftables table removed", family=family, table=table)
