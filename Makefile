@@ -3,11 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl
+APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl ruby shellcheck
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 
-.PHONY: setup demo test lint unit netns bench clean
+.PHONY: setup demo test lint unit netns bench image image-test clean
 
 setup: $(STAMP_PIP)
 
@@ -44,6 +44,13 @@ test: lint
 
 bench: setup
 	$(PY) bench/iptables_sync.py
+
+image: setup
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap podman runc >/dev/null
+	image/build.sh
+
+image-test: image
+	KPROXYD_TEST_IMAGE=1 $(PY) -m pytest -q tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -13,12 +13,6 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy" / "kproxyd.yaml"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "image: builds the kproxyd:latest image with podman (slow; opt-in with KPROXYD_TEST_IMAGE=1)"
-    )
-
-
 def load_manifests() -> list[dict[str, Any]]:
     """Every object in deploy/*.yaml, in file order."""
     docs: list[dict[str, Any]] = []

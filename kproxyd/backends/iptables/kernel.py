@@ -184,8 +184,13 @@ class IptablesKernel:
                 self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-I", jump.source, *jump.args])
 
     def enable_route_localnet(self) -> None:
-        """net.ipv4.conf.all.route_localnet=1 (in the prefix's namespace), so 127.0.0.1:NodePort is DNATed."""
-        self._check([*self._prefix, "sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"])
+        """net.ipv4.conf.all.route_localnet=1 (in the prefix's namespace), so 127.0.0.1:NodePort is DNATed.
+
+        Already 1 (set by an init container, say) means no write, so a read-only /proc/sys is fine then.
+        """
+        key = "net.ipv4.conf.all.route_localnet"
+        if self._check([*self._prefix, "sysctl", "-n", key]).stdout.strip() != "1":
+            self._check([*self._prefix, "sysctl", "-q", "-w", f"{key}=1"])
 
     def canary_present(self) -> bool:
         """True while KUBE-PROXY-CANARY exists in every table: gone means someone flushed our rules."""
