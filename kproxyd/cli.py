@@ -179,6 +179,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from kproxyd.lab.cli import lab_main
 
         sys.exit(lab_main(argv[1:]))
+    if argv[:1] == ["explain"]:
+        from kproxyd.explain.cli import explain_main
+
+        sys.exit(explain_main(argv[1:]))
+    if argv[:1] == ["status"]:
+        from kproxyd.status import status_main
+
+        sys.exit(status_main(argv[1:]))
     configure_logging()
     try:
         config = parse_config(argv)

@@ -67,14 +67,23 @@ class Daemon:
             config.sync_period,
             drifted=lambda: any(backend.drifted() for backend in backends.values()),
         )
+        primary = trackers[families[0]]
         self.health = ProxyHealth(
-            2 * config.sync_period, lambda: self.runner.last_success, lambda: self.runner.oldest_pending
+            2 * config.sync_period,
+            lambda: self.runner.last_success,
+            lambda: self.runner.oldest_pending,
+            node_eligible=lambda: not primary.node.deleting,
         )
         self.service_health = ServiceHealthServers(config.bind_address, lambda: self.health.status()[0])
         self.proxiers = {
             family: Proxier(trackers[family], backends[family], self.metrics, self._observers(family))
             for family in families
         }
+        self.metrics.count_connections(
+            lambda: [counter for backend in backends.values() for counter in backend.connection_counters()]
+        )
+        self.metrics.service_changes_pending.set_function(lambda: primary.pending_events[0])
+        self.metrics.endpoint_changes_pending.set_function(lambda: primary.pending_events[1])
         api = build_api_client(config.kubeconfig, config.master)
         handler = FanOut(trackers.values())
         self.reflectors = [
@@ -113,6 +122,8 @@ class Daemon:
                     changed=result.changed,
                     service_ports=result.services,
                     seconds=round(result.seconds, 4),
+                    bytes=result.stats.bytes,
+                    lines=result.stats.lines,
                 )
         if failure is not None:
             raise failure

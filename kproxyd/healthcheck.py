@@ -24,10 +24,17 @@ def _rfc3339(timestamp: float) -> str:
 class ProxyHealth:
     """Decides health from sync times: healthy once a sync succeeded and no change waited over the timeout."""
 
-    def __init__(self, timeout: float, last_success: Callable[[], float], oldest_pending: Callable[[], float]):
+    def __init__(
+        self,
+        timeout: float,
+        last_success: Callable[[], float],
+        oldest_pending: Callable[[], float],
+        node_eligible: Callable[[], bool] = lambda: True,
+    ):
         self.timeout = timeout
         self._last_success = last_success
         self._oldest_pending = oldest_pending
+        self._node_eligible = node_eligible
 
     def status(self) -> tuple[bool, dict[str, object]]:
         """(healthy, body) as kube-proxy's /healthz reports it."""
@@ -37,13 +44,18 @@ class ProxyHealth:
         body: dict[str, object] = {
             "lastUpdated": _rfc3339(last) if last else "",
             "currentTime": _rfc3339(now),
-            "nodeEligible": True,
+            "nodeEligible": self._node_eligible(),
         }
         return healthy, body
 
-    def answer(self) -> tuple[int, dict[str, object]]:
-        """(HTTP status, body) of /healthz."""
+    def answer(self, path: str = "/healthz") -> tuple[int, dict[str, object]]:
+        """(HTTP status, body): /livez follows syncs only; /healthz also fails on a Node being deleted,
+
+        so a load balancer polling /healthz stops sending traffic to a node the autoscaler is removing.
+        """
         healthy, body = self.status()
+        if path == "/healthz":
+            healthy = healthy and bool(body["nodeEligible"])
         return (200 if healthy else 503), body
 
 
@@ -84,16 +96,17 @@ class HealthServer:
 
 
 def _json_handler(
-    answer: Callable[[], tuple[int, dict[str, object]]], paths: tuple[str, ...] = ()
+    answer: Callable[[str], tuple[int, dict[str, object]]], paths: tuple[str, ...] = ()
 ) -> type[BaseHTTPRequestHandler]:
-    """A request handler answering GETs (on any path, or only on paths) with answer()'s status and JSON body."""
+    """A request handler answering GETs (on any path, or only on paths) with answer(path)'s status and body."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if paths and self.path.split("?")[0] not in paths:
+            path = self.path.split("?")[0]
+            if paths and path not in paths:
                 self.send_error(404)
                 return
-            status, body = answer()
+            status, body = answer(path)
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -175,7 +188,9 @@ class ServiceHealthServers:
 
     def _open(self, port: int, service: tuple[str, str]) -> None:
         try:
-            server = ThreadingHTTPServer((self._bind_host, port), _json_handler(lambda: self.status(service)))
+            server = ThreadingHTTPServer(
+                (self._bind_host, port), _json_handler(lambda _path: self.status(service))
+            )
         except OSError as err:
             log.error("cannot open health check node port", port=port, service="/".join(service), error=str(err))
             return

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from kproxyd.backends import FrontendCounter
 from kproxyd.plan import ServicePlan
+
+log = structlog.get_logger(__name__)
 
 _BUCKETS = (
     0.001,
@@ -26,6 +33,10 @@ _BUCKETS = (
     8.192,
     16.384,
 )
+
+
+# kube-proxy's buckets for network programming latency: 0.25 s to 5 min.
+_PROGRAMMING_BUCKETS = (0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30))
 
 
 class ProxyMetrics:
@@ -62,9 +73,38 @@ class ProxyMetrics:
             "The last time a sync of proxy rules was queued",
             registry=reg,
         )
-        self.sync_failures = Counter(
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy rules restore failures",
+        self.sync_failures = {
+            "iptables": Counter(
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                "Cumulative proxy iptables restore failures",
+                registry=reg,
+            ),
+            "nftables": Counter(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                registry=reg,
+            ),
+        }
+        self.iptables_rules = Gauge(
+            "kubeproxy_sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kproxyd",
+            ["table"],
+            registry=reg,
+        )
+        self.programming_duration = Histogram(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            buckets=_PROGRAMMING_BUCKETS,
+            registry=reg,
+        )
+        self.endpoint_changes_pending = Gauge(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            registry=reg,
+        )
+        self.service_changes_pending = Gauge(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
             registry=reg,
         )
         self.endpoint_changes = Counter(
@@ -81,6 +121,10 @@ class ProxyMetrics:
             registry=reg,
         )
 
+    def count_connections(self, read: Callable[[], Iterable[FrontendCounter]], max_age: float = 10.0) -> None:
+        """Export kproxyd_service_connections_total, read from the kernel at most every max_age seconds."""
+        self.registry.register(_ConnectionCollector(read, max_age))
+
     def record_changes(self, service_events: int, endpoint_events: int) -> None:
         """Count the API changes a sync consumed."""
         self.service_changes.inc(service_events)
@@ -90,8 +134,23 @@ class ProxyMetrics:
         """A change was queued for the next sync."""
         self.last_queued_timestamp.set(time.time())
 
-    def record_sync(self, seconds: float, full: bool, plans: Iterable[ServicePlan]) -> None:
+    def record_failure(self, backend: str) -> None:
+        """A sync the kernel refused (counted under the backend's own kube-proxy metric name)."""
+        if backend in self.sync_failures:
+            self.sync_failures[backend].inc()
+
+    def record_programming(self, trigger_times: Iterable[float]) -> None:
+        """Network programming latency: from each EndpointSlice change's trigger time until now, programmed."""
+        now = time.time()
+        for trigger in trigger_times:
+            self.programming_duration.observe(max(now - trigger, 0.0))
+
+    def record_sync(
+        self, seconds: float, full: bool, plans: Iterable[ServicePlan], rules: Mapping[str, int]
+    ) -> None:
         """A successful sync."""
+        for table, count in rules.items():
+            self.iptables_rules.labels(table).set(count)
         self.sync_duration.observe(seconds)
         (self.full_sync_duration if full else self.partial_sync_duration).observe(seconds)
         self.last_sync_timestamp.set(time.time())
@@ -103,3 +162,35 @@ class ProxyMetrics:
         )
         self.no_local_endpoints.labels("internal").set(internal)
         self.no_local_endpoints.labels("external").set(external)
+
+
+class _ConnectionCollector(Collector):
+    """Per-Service-frontend connection counts, which kube-proxy does not offer; cached between scrapes."""
+
+    def __init__(self, read: Callable[[], Iterable[FrontendCounter]], max_age: float) -> None:
+        self._read = read
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._cached: list[FrontendCounter] = []
+        self._read_at = -float("inf")
+
+    def collect(self) -> Iterator[Metric]:
+        """One counter per (Service, frontend)."""
+        family = CounterMetricFamily(
+            "kproxyd_service_connections",
+            "New connections per Service frontend since its rules were last written (kernel rule counters)",
+            labels=["service", "frontend"],
+        )
+        for counter in self._counters():
+            family.add_metric([counter.service, counter.frontend], counter.connections)
+        yield family
+
+    def _counters(self) -> list[FrontendCounter]:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self._max_age:
+                self._read_at = time.monotonic()
+                try:
+                    self._cached = list(self._read())
+                except Exception:  # a scrape must not fail because the kernel could not be read
+                    log.exception("reading connection counters failed")
+            return self._cached

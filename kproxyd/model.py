@@ -100,6 +100,7 @@ class NodeInfo:
     addresses: tuple[str, ...] = ()
     pod_cidrs: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    deleting: bool = False  # being deleted, or tainted for deletion by the cluster autoscaler
 
     @property
     def zone(self) -> str | None:

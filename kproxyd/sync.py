@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
-from kproxyd.backends import Backend
+from kproxyd.backends import Backend, WriteStats
 from kproxyd.metrics import ProxyMetrics
 from kproxyd.model import ServicePortName
 from kproxyd.plan import ServicePlan, changed_plans, plan_service_port
@@ -32,6 +32,7 @@ class SyncResult:
     services: int  # ServicePorts programmed in total
     applied: bool  # False when there was nothing to write
     seconds: float = 0.0  # how long the backend took to write it
+    stats: WriteStats = field(default_factory=WriteStats)
 
 
 SyncObserver = Callable[
@@ -74,16 +75,17 @@ class Proxier:
             return SyncResult(False, 0, len(plans), applied=False)
         start = time.monotonic()
         try:
-            self._backend.apply(plans, None if changes.full else changed, changes.node)
+            stats = self._backend.apply(plans, None if changes.full else changed, changes.node)
         except Exception:
             self._tracker.request_full()
-            self._metrics.sync_failures.inc()
+            self._metrics.record_failure(self._backend.name)
             raise
         seconds = time.monotonic() - start
-        self._metrics.record_sync(seconds, changes.full, plans.values())
+        self._metrics.record_sync(seconds, changes.full, plans.values(), stats.rules)
+        self._metrics.record_programming(changes.trigger_times.values())
         old, self._plans = self._plans, plans
         self._notify(old, plans, None if changes.full else changed)
-        return SyncResult(changes.full, len(changed), len(plans), applied=True, seconds=seconds)
+        return SyncResult(changes.full, len(changed), len(plans), applied=True, seconds=seconds, stats=stats)
 
     def _notify(
         self,

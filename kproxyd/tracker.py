@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -48,6 +48,7 @@ class Changes:
     node: NodeInfo
     service_events: int
     endpoint_events: int
+    trigger_times: Mapping[str, float] = field(default_factory=dict)  # Service → its oldest slice change
 
 
 def _family_of(ip: str) -> int:
@@ -85,6 +86,7 @@ class ProxyStateTracker:
         self._full_pending = True
         self._service_events = 0
         self._endpoint_events = 0
+        self._trigger_times: dict[str, float] = {}
 
     # ObjectHandler: called from the informer threads.
 
@@ -128,8 +130,10 @@ class ProxyStateTracker:
             full = self._full_pending
             keys: Iterable[str] = set(self._services) | set(self._slices_by_service) if full else self._pending
             views = {key: self._view(key) for key in keys}
-            changes = Changes(views, full, self._node, self._service_events, self._endpoint_events)
-            self._pending, self._full_pending = set(), False
+            changes = Changes(
+                views, full, self._node, self._service_events, self._endpoint_events, self._trigger_times
+            )
+            self._pending, self._full_pending, self._trigger_times = set(), False, {}
             self._service_events = self._endpoint_events = 0
         return changes
 
@@ -146,6 +150,11 @@ class ProxyStateTracker:
         ports = {p.name: p for view in views for p in view.ports}
         endpoints = {name: eps for view in views for name, eps in view.endpoints.items() if name in ports}
         return ProxyState(ports=ports, endpoints=endpoints, node=node)
+
+    @property
+    def pending_events(self) -> tuple[int, int]:
+        """(Service, EndpointSlice) changes recorded and not yet synced."""
+        return self._service_events, self._endpoint_events
 
     @property
     def node(self) -> NodeInfo:
@@ -172,6 +181,9 @@ class ProxyStateTracker:
                 self._unlink_slice(old)
             self._slices[converted.key] = converted
             self._slices_by_service.setdefault(converted.service_key, set()).add(converted.key)
+            if converted.trigger_time is not None:
+                previous = self._trigger_times.get(converted.service_key, converted.trigger_time)
+                self._trigger_times[converted.service_key] = min(previous, converted.trigger_time)
             self._mark(converted.service_key, service=False)
 
     def _set_node(self, node: NodeInfo) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from kproxyd.model import Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, ServiceType
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+DELETION_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
 
@@ -33,6 +36,7 @@ class ConvertedSlice:
     key: str
     service_key: str
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=dict)
+    trigger_time: float | None = None  # endpoints.kubernetes.io/last-change-trigger-time, as a timestamp
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -290,7 +294,18 @@ def convert_endpoint_slice(obj: Mapping[str, Any]) -> ConvertedSlice:
     for port_name, port, protocol in _slice_ports(obj):
         spn = ServicePortName(namespace, service, port_name, protocol)
         endpoints[spn] = tuple(replace(ep, port=port) for ep in bare)
-    return ConvertedSlice(key, service_key, endpoints)
+    return ConvertedSlice(key, service_key, endpoints, _trigger_time(meta))
+
+
+def _trigger_time(meta: Mapping[str, Any]) -> float | None:
+    """The slice's last-change-trigger-time annotation (RFC 3339); None when absent or unreadable."""
+    value = _mapping(meta.get("annotations"), "metadata.annotations").get(TRIGGER_TIME_ANNOTATION)
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def convert_node(obj: Mapping[str, Any]) -> NodeInfo:
@@ -305,9 +320,12 @@ def convert_node(obj: Mapping[str, Any]) -> NodeInfo:
     ]
     cidrs = _list(spec.get("podCIDRs"), "spec.podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     labels = _mapping(meta.get("labels"), "metadata.labels")
+    taints = _list(spec.get("taints"), "spec.taints")
+    doomed = any(isinstance(t, Mapping) and t.get("key") == DELETION_TAINT for t in taints)
     return NodeInfo(
         name=_name(meta, "name"),
         addresses=tuple(addresses),
         pod_cidrs=tuple(str(c) for c in cidrs),
         labels={str(k): str(v) for k, v in labels.items()},
+        deleting=bool(meta.get("deletionTimestamp")) or doomed,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+
+FAILURES = {"iptables": "iptables_restore_failures", "nftables": "nftables_sync_failures"}
 
 
 def svc(name: str, app: str, **spec: Any) -> dict[str, Any]:
@@ -130,17 +133,55 @@ def test_healthz_livez_and_metrics(cluster: LabCluster) -> None:
     node_ip = cluster.net.node("node1").ip
     status, body = cluster.http_get("node1", node_ip, 10256, "/healthz")
     assert status == 200
-    assert json.loads(body)["lastUpdated"]
+    assert json.loads(body)["lastUpdated"] and json.loads(body)["nodeEligible"] is True
     assert cluster.http_get("node1", node_ip, 10256, "/livez")[0] == 200
-    status, metrics = cluster.http_get("node1", "127.0.0.1", 10249, "/metrics")
-    assert status == 200
-    for name in (
+    assert reaches(cluster, ip_of(cluster, "web"), {"web-0", "web-1"})
+    wait_until(lambda: 'service="default/web:http"' in metrics(cluster), timeout=20, what="connection counters")
+    text = metrics(cluster)
+    names = [
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "kubeproxy_sync_proxy_rules_service_changes_total",
-    ):
-        assert name in metrics
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        f"kubeproxy_sync_proxy_rules_{FAILURES[cluster.mode]}_total",  # type: ignore[attr-defined]
+    ]
+    if cluster.mode == "iptables":  # type: ignore[attr-defined]
+        names.append('kubeproxy_sync_proxy_rules_iptables_total{table="nat"}')
+    assert [name for name in names if name not in text] == []
+    programmed = re.search(r"kubeproxy_network_programming_duration_seconds_count (\S+)", text)
+    assert programmed and float(programmed.group(1)) > 0  # EndpointSlice changes were timed
+    web = ip_of(cluster, "web")
+    counted = re.search(
+        rf'kproxyd_service_connections_total{{frontend="{web}:80/TCP",service="default/web:http"}} (\S+)', text
+    )
+    assert counted and float(counted.group(1)) >= 12, text[-2000:]
+
+
+def test_node_being_deleted_fails_healthz_but_not_livez(cluster: LabCluster) -> None:
+    node = cluster.store.get("Node", "", "node1")
+    assert node is not None
+    node["spec"]["taints"] = [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]
+    cluster.store.update("Node", node)
+    wait_until(lambda: healthz(cluster) == 503, timeout=20, what="healthz 503 for a node being deleted")
+    assert json.loads(cluster.http_get("node1", "127.0.0.1", 10256, "/healthz")[1])["nodeEligible"] is False
+    assert cluster.http_get("node1", "127.0.0.1", 10256, "/livez")[0] == 200
+    node = cluster.store.get("Node", "", "node1")
+    assert node is not None
+    node["spec"]["taints"] = []
+    cluster.store.update("Node", node)
+    wait_until(lambda: healthz(cluster) == 200, timeout=20, what="healthz back to 200")
+
+
+def metrics(lab: LabCluster) -> str:
+    """node1's /metrics."""
+    return lab.http_get("node1", "127.0.0.1", 10249, "/metrics")[1]
 
 
 def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> None:

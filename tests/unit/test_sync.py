@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
+from kproxyd.backends import WriteStats
 from kproxyd.metrics import ProxyMetrics
 from kproxyd.model import NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
@@ -27,10 +28,11 @@ class RecordingBackend:
 
     def apply(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
-    ) -> None:
+    ) -> WriteStats:
         if self.fail:
             raise RuntimeError("kernel said no")
         self.calls.append((set(plans), changed))
+        return WriteStats(bytes=1, lines=1)
 
     def drifted(self) -> bool:
         return False

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 from collections.abc import Callable, Collection, Mapping
 
 import structlog
 
+from kproxyd.backends import FrontendCounter, WriteStats
 from kproxyd.backends.iptables.kernel import (
     IptablesKernel,
     Variant,
     detect_iptables_variant,
     local_addresses,
 )
+from kproxyd.backends.iptables.names import KUBE_NODEPORTS
 from kproxyd.backends.iptables.render import IptablesRenderer, IptablesRenderOptions
 from kproxyd.config import ProxyConfig, local_traffic_detector
 from kproxyd.model import NodeInfo, ServicePortName
@@ -63,6 +66,25 @@ def localhost_nodeports(config: ProxyConfig) -> bool:
     return config.localhost_nodeports and (not config.nodeport_addresses or any(loopback in n for n in cidrs))
 
 
+_COMMENT = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
+_MATCH = re.compile(r"(?:^| )(-d|-p|--dport|-j) (\S+)")
+
+
+def frontend_counter(chain: str, packets: int, rule: str) -> FrontendCounter | None:
+    """A nat dispatch rule as the frontend it counts; None for rules that count no Service frontend."""
+    comment = _COMMENT.search(rule)
+    args = dict(_MATCH.findall(rule))
+    if comment is None or not args.get("-j", "").startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")):
+        return None
+    service = (comment.group(1) or comment.group(2)).split(" ")[0]
+    proto = args.get("-p", "").upper()
+    if chain == KUBE_NODEPORTS:
+        return FrontendCounter(service, f"nodePort {args.get('--dport')}/{proto}", packets)
+    ip = args.get("-d", "").split("/")[0]
+    address = f"[{ip}]" if ":" in ip else ip
+    return FrontendCounter(service, f"{address}:{args.get('--dport')}/{proto}", packets)
+
+
 class IptablesBackend:
     """kube-proxy's iptables mode: full sync at start and when options change, partial syncs after.
 
@@ -99,7 +121,7 @@ class IptablesBackend:
         plans: Mapping[ServicePortName, ServicePlan],
         changed: set[ServicePortName] | None,
         node: NodeInfo,
-    ) -> None:
+    ) -> WriteStats:
         """Render and restore; a full sync (also on a Node change) re-reads addresses, chains and jumps."""
         if changed is None or self._chains is None or self._renderer is None or node != self._node:
             self._node = node
@@ -112,7 +134,7 @@ class IptablesBackend:
             self._chains = self._kernel.list_chains()
             changed = None
         try:
-            self._write(self._renderer, plans, changed, self._chains)
+            return self._write(self._renderer, plans, changed, self._chains)
         except Exception:
             self._chains = None  # unknown after a failure: re-read on the next (full) sync
             raise
@@ -123,7 +145,7 @@ class IptablesBackend:
         plans: Mapping[ServicePortName, ServicePlan],
         changed: set[ServicePortName] | None,
         existing: set[str],
-    ) -> None:
+    ) -> WriteStats:
         """One restore, or the changed ports' chains batch by batch and then the top level."""
         batches = self._batches(renderer, plans, changed)
         for text in batches:
@@ -138,6 +160,12 @@ class IptablesBackend:
             bytes=len(result.text),
             **result.rule_count,
         )
+        texts = [*batches, result.text]
+        return WriteStats(
+            bytes=sum(len(text) for text in texts),
+            lines=sum(text.count("\n") for text in texts),
+            rules=dict(result.rule_count),
+        )
 
     def _batches(
         self,
@@ -151,6 +179,11 @@ class IptablesBackend:
         names = plans.keys() if changed is None else changed & plans.keys()
         batches = list(renderer.render_batches(plans, names, self._batch_chains))
         return batches if len(batches) > 1 else []
+
+    def connection_counters(self) -> list[FrontendCounter]:
+        """New connections per frontend: the packet counters of the nat dispatch rules (first packets only)."""
+        counters = (frontend_counter(*rule) for rule in self._kernel.dispatch_counters())
+        return [counter for counter in counters if counter is not None]
 
     def drifted(self) -> bool:
         """True when the canary chains are gone (someone flushed the tables): the next sync must be full."""

@@ -38,6 +38,7 @@ Variant = Literal["legacy", "nft"]
 _CTSTATE_NEW = ("-m", "conntrack", "--ctstate", "NEW")
 _LINE_NUMBER = re.compile(r"line:? (\d+)")
 _CANARY_TABLES = ("mangle", "nat", "filter")
+_COUNTED_RULE = re.compile(r"^\[(\d+):\d+\] -A (\S+) (.*)$")
 _TABLES = ("filter", "nat", "mangle")
 
 
@@ -191,6 +192,13 @@ class IptablesKernel:
         key = "net.ipv4.conf.all.route_localnet"
         if self._check([*self._prefix, "sysctl", "-n", key]).stdout.strip() != "1":
             self._check([*self._prefix, "sysctl", "-q", "-w", f"{key}=1"])
+
+    def dispatch_counters(self) -> list[tuple[str, int, str]]:
+        """(chain, packets, rule) of every nat KUBE-SERVICES and KUBE-NODEPORTS rule, from iptables-save -c."""
+        text = self._check([*self._prefix, f"{self._iptables}-save", "-c", "-t", "nat"]).stdout
+        counted = (_COUNTED_RULE.match(line) for line in text.splitlines())
+        chains = (KUBE_SERVICES, KUBE_NODEPORTS)
+        return [(m.group(2), int(m.group(1)), m.group(3)) for m in counted if m and m.group(2) in chains]
 
     def canary_present(self) -> bool:
         """True while KUBE-PROXY-CANARY exists in every table: gone means someone flushed our rules."""

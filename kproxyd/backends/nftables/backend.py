@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import astuple
 
 import structlog
 
+from kproxyd.backends import FrontendCounter, WriteStats
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
-from kproxyd.backends.nftables.names import SERVICES
+from kproxyd.backends.nftables.names import SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, port_chains
 from kproxyd.backends.nftables.render import FAMILIES, IPV4, Family, NftRenderer, NftRenderOptions, PortRules
 from kproxyd.backends.nftables.transaction import Elements, Transaction, full_sync, partial_sync
 from kproxyd.config import ProxyConfig, local_traffic_detector
@@ -71,18 +73,17 @@ class NftablesBackend:
         plans: Mapping[ServicePortName, ServicePlan],
         changed: set[ServicePortName] | None,
         node: NodeInfo,
-    ) -> None:
+    ) -> WriteStats:
         """Render and write; a full sync (also on a Node change or after a failure) rewrites the table."""
         try:
             if changed is None or self._ports is None or self._renderer is None or node != self._node:
-                self._full_sync(plans, node)
-            else:
-                self._partial_sync(self._renderer, self._ports, plans, changed)
+                return self._full_sync(plans, node)
+            return self._partial_sync(self._renderer, self._ports, plans, changed)
         except Exception:
             self._ports = None  # unknown after a failure: the next sync is a full one
             raise
 
-    def _full_sync(self, plans: Mapping[ServicePortName, ServicePlan], node: NodeInfo) -> None:
+    def _full_sync(self, plans: Mapping[ServicePortName, ServicePlan], node: NodeInfo) -> WriteStats:
         renderer = NftRenderer(
             render_options(self._config, node, self._local_addresses(self._family.version), self._family)
         )
@@ -90,9 +91,10 @@ class NftablesBackend:
         tx = Transaction(self._family.name)
         existing = self._kernel.objects(self._family.name)
         elements = full_sync(tx, renderer.static(), ports, existing, recreate_base=not self._base_recreated)
-        self._write(tx, full=True, ports=len(ports))
+        stats = self._write(tx, full=True, ports=len(ports))
         self._node, self._renderer, self._ports, self._elements = node, renderer, ports, elements
         self._base_recreated = True
+        return stats
 
     def _partial_sync(
         self,
@@ -100,7 +102,7 @@ class NftablesBackend:
         old: dict[ServicePortName, PortRules],
         plans: Mapping[ServicePortName, ServicePlan],
         changed: set[ServicePortName],
-    ) -> None:
+    ) -> WriteStats:
         new = dict(old)
         for name in changed:
             if name in plans:
@@ -109,14 +111,31 @@ class NftablesBackend:
                 new.pop(name, None)
         tx = Transaction(self._family.name)
         elements = partial_sync(tx, old, new, changed, self._elements)
-        self._write(tx, full=False, ports=len(changed))
+        stats = self._write(tx, full=False, ports=len(changed))
         self._ports, self._elements = new, elements
+        return stats
 
-    def _write(self, tx: Transaction, full: bool, ports: int) -> None:
+    def _write(self, tx: Transaction, full: bool, ports: int) -> WriteStats:
         text = tx.text()
         if text:
             self._kernel.run(text)
         log.debug("nftables rules written", full=full, ports=ports, commands=len(tx.lines), bytes=len(text))
+        return WriteStats(bytes=len(text), lines=len(tx.lines))
+
+    def connection_counters(self) -> list[FrontendCounter]:
+        """New connections per frontend: the element counters of the service-ips and service-nodeports maps."""
+        owner = {chain: name for name in self._ports or () for chain in astuple(port_chains(name))}
+        counters = []
+        for map_name in (SERVICE_IPS, SERVICE_NODEPORTS):
+            for parts, packets, target in self._kernel.map_counters(self._family.name, map_name):
+                name = owner.get(target)
+                if name is None:
+                    continue
+                *address, proto, port = parts
+                ip = address[0] if address else ""
+                where = (f"[{ip}]" if ":" in ip else ip) + f":{port}" if address else f"nodePort {port}"
+                counters.append(FrontendCounter(str(name), f"{where}/{proto.upper()}", packets))
+        return counters
 
     def drifted(self) -> bool:
         """True when the table (its services chain) is gone since it was written: resync fully."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import structlog
 
@@ -67,6 +67,22 @@ class NftKernel:
                 if obj is not None and obj["table"] == table:
                     found[kind].add(obj["name"])
         return TableObjects(frozenset(found["chain"]), frozenset(found["set"] | found["map"]))
+
+    def map_counters(
+        self, family: str, name: str, table: str = TABLE
+    ) -> Iterator[tuple[tuple[str, ...], int, str]]:
+        """(key parts, packets, goto target) of every element of a counting verdict map; none without it."""
+        try:
+            listing = json.loads(self.list("-j", "list", "map", family, table, name))["nftables"]
+        except NftError:
+            return
+        for item in listing:
+            for key, verdict in (item.get("map") or {}).get("elem", []):
+                elem = key.get("elem", {})
+                value = elem.get("val")
+                parts = value["concat"] if isinstance(value, dict) else [value]
+                target = (verdict.get("goto") or verdict.get("jump") or {}).get("target", "")
+                yield tuple(str(p) for p in parts), int((elem.get("counter") or {}).get("packets", 0)), target
 
     def has_chain(self, family: str, chain: str, table: str = TABLE) -> bool:
         """True when the table holds the chain."""

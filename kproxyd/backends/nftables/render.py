@@ -114,6 +114,9 @@ class NftRenderOptions:
         return f"{1 << self.masquerade_bit:#010x}"
 
 
+_COUNTED = (SERVICE_IPS, SERVICE_NODEPORTS)
+
+
 @dataclass(frozen=True, slots=True)
 class SetSpec:
     """A named set or map: "set"/"map", its name, and the body of its declaration."""
@@ -234,7 +237,8 @@ class NftRenderer:
         destination = f"{addr_type} . inet_proto . inet_service : verdict"
         nodeport = "inet_proto . inet_service : verdict"
         return tuple(
-            SetSpec(kind, name, f'type {key} ; comment "{comment}" ;')
+            # The dispatch maps count per element: new connections per frontend (kproxyd's extra metric).
+            SetSpec(kind, name, f'type {key} ;{" counter ;" if name in _COUNTED else ""} comment "{comment}" ;')
             for kind, name, key, comment in (
                 ("set", CLUSTER_IPS, addr_type, "Active ClusterIPs"),
                 ("set", NODEPORT_IPS, addr_type, "IPs that accept NodePort traffic"),

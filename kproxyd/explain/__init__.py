@@ -1,0 +1,1 @@
+"""`kproxyd explain`: walk the live kube-proxy rules for one packet (iptables today; nftables planned)."""
