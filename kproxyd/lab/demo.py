@@ -115,6 +115,8 @@ class Demo:
                 f"source {reply.source_ip} (masqueraded to a node address)"
             )
 
+        self.load_balancer_step()
+
         self.step("Pod backend-0 deleted: its endpoint goes away and it gets no more traffic")
         lab.delete_pod("backend-0")
         self.converge(lambda: _never_answers(lab, "client", cluster_ip, 80, "backend-0"), "endpoint removal")
@@ -140,6 +142,33 @@ class Demo:
                 self.say(f"   {line}")
         self.say()
         self.say("Done: every step above used real TCP connections between network namespaces.")
+
+    def load_balancer_step(self) -> None:
+        """LoadBalancer with externalTrafficPolicy Local: the client's own address reaches the pod."""
+        lab = self.lab
+        self.step("LoadBalancer 'frontend-lb' (externalTrafficPolicy: Local): the client's IP is preserved")
+        lab.create_service(
+            _service(
+                "frontend-lb", {"app": "frontend"}, 80, 8080, type="LoadBalancer", externalTrafficPolicy="Local"
+            )
+        )
+        lab.set_load_balancer("frontend-lb", [LB_IP])  # what a cloud controller or MetalLB would publish
+        lab.route_from_outside("172.29.0.0/24", "node1")  # and the network routes the LB IP to a node
+        self.say(f"   load-balancer IP {LB_IP}, routed by the outside network to node1")
+        self.converge(partial(_answers, lab, "ext", LB_IP, 80), "the load-balancer IP")
+        reply = lab.request("ext", LB_IP, 80)
+        self.say(
+            f"   ext ({lab.external.ip}) -> {LB_IP}:80 answered by {reply.pod} (on node1), which saw source "
+            f"{reply.source_ip}: the client's own address, not masqueraded"
+        )
+        port = lab.service("frontend-lb")["spec"]["healthCheckNodePort"]
+        for node in lab.net.nodes:
+            status, body = lab.http_get("ext", node.ip, port, "/")
+            self.say(f"   health check {node.ip}:{port} -> {status} {body}")
+        self.say("   (a load balancer polls that port and sends traffic only to nodes with local endpoints)")
+
+
+LB_IP = "172.29.0.10"
 
 
 def _answers(lab: LabCluster, src: str, ip: str, port: int) -> bool:
