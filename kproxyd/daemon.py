@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import replace
 from types import FrameType
 
@@ -43,11 +44,11 @@ def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
     return IptablesBackend.for_config(config, family)
 
 
-def cleanup(config: ProxyConfig) -> int:
-    """--cleanup: remove everything any kproxyd mode programmed on this node."""
-    for mode in PROXY_MODES:
+def cleanup(config: ProxyConfig, modes: Iterable[str] = PROXY_MODES) -> int:
+    """--cleanup: remove everything the given kproxyd modes (all of them by default) programmed here."""
+    for mode in modes:
         make_backend(replace(config, mode=mode)).cleanup()
-    log.info("cleanup done")
+    log.info("cleanup done", modes=list(modes))
     return 0
 
 
@@ -92,6 +93,7 @@ class Daemon:
             Reflector(api, NODES, handler, field_selector=f"metadata.name={config.hostname}"),
         ]
         self._health_server: HealthServer | None = None
+        self._other_modes_removed = False
 
     def _observers(self, family: int) -> list[SyncObserver]:
         """Follow-up work after a family's successful sync: health check ports, stale UDP flows."""
@@ -127,6 +129,10 @@ class Daemon:
                 )
         if failure is not None:
             raise failure
+        if not self._other_modes_removed:
+            # Only now that this mode's rules are in place: the old mode kept traffic flowing meanwhile.
+            cleanup(self.config, [mode for mode in PROXY_MODES if mode != self.config.mode])
+            self._other_modes_removed = True
 
     def start(self) -> None:
         """Start informers, wait for their first lists, then start syncing and serving."""

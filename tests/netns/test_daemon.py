@@ -200,6 +200,42 @@ def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> N
         cluster.request("client", web, 80, timeout=0.5)
 
 
+def test_external_flush_is_repaired(cluster: LabCluster) -> None:
+    """Someone flushes the tables: the canary check (every sync period) forces a full resync."""
+    mode = cluster.mode  # type: ignore[attr-defined]
+    cluster.stop_proxy("node1")
+    cluster.start_proxy("node1", [f"--proxy-mode={mode}", "--iptables-sync-period=1s"])
+    web = ip_of(cluster, "web")
+    wait_until(lambda: reaches(cluster, web, {"web-0", "web-1"}), timeout=30, what="traffic before the flush")
+    if mode == "iptables":
+        for table in ("nat", "filter", "mangle"):
+            cluster.net.exec("node1", ["iptables", "-t", table, "-F"])
+            cluster.net.exec("node1", ["iptables", "-t", table, "-X"])
+    else:
+        cluster.net.exec("node1", ["nft", "delete", "table", "ip", "kube-proxy"])
+    assert not reaches(cluster, web, {"web-0", "web-1"})
+    wait_until(
+        lambda: reaches(cluster, web, {"web-0", "web-1"}), timeout=30, what="rules restored after the flush"
+    )
+
+
+def test_switching_modes_keeps_traffic_and_removes_the_old_rules(cluster: LabCluster) -> None:
+    mode = cluster.mode  # type: ignore[attr-defined]
+    other = "nftables" if mode == "iptables" else "iptables"
+    web = ip_of(cluster, "web")
+    for switch_to, left_behind in ((other, _mode_marker(mode)), (mode, _mode_marker(other))):
+        cluster.stop_proxy("node1")
+        assert reaches(cluster, web, {"web-0", "web-1"})  # the old mode's rules still carry traffic
+        cluster.start_proxy("node1", [f"--proxy-mode={switch_to}"])
+        wait_until(lambda m=left_behind: m not in cluster.ruleset("node1"), timeout=30, what="old rules removed")
+        assert reaches(cluster, web, {"web-0", "web-1"})
+
+
+def _mode_marker(mode: str) -> str:
+    """Text only that mode's rules contain."""
+    return "KUBE-SVC-" if mode == "iptables" else "table ip kube-proxy"
+
+
 def test_bad_flag_is_a_clear_startup_error(cluster: LabCluster) -> None:
     proc = subprocess.run(
         [*cluster.proxy_argv("node1"), "--proxy-mode=userspace"], capture_output=True, text=True, timeout=30
