@@ -1,1 +1,1 @@
-"""`kproxyd explain`: walk the live kube-proxy rules for one packet (iptables today; nftables planned)."""
+"""`kproxyd explain`: walk the live kube-proxy rules for one packet (iptables or nftables mode)."""

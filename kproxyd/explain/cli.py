@@ -6,6 +6,8 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from kproxyd.backends.nftables.kernel import NftError
+from kproxyd.explain import iptables, nftables
 from kproxyd.explain.live import explain_live, live_packet
 from kproxyd.logs import configure_logging
 
@@ -34,7 +36,7 @@ def explain_main(argv: Sequence[str]) -> int:
     packet = live_packet(args.src, args.dst, args.dport, args.proto, args.iif)
     try:
         explanation = explain_live(packet, args.mode)
-    except NotImplementedError as err:
+    except (iptables.UnsupportedRule, nftables.UnsupportedRule, NftError) as err:
         print(f"kproxyd explain: {err}")
         return 2
     print(json.dumps(explanation.to_json(), indent=2) if args.json else explanation.to_text())

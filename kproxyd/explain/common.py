@@ -116,10 +116,53 @@ class Explanation:
             lines.append("affinity: ClientIP session affinity: a client sticks to the first endpoint it gets")
         lines.append("outcomes:")
         lines += [f"  {o.probability:7.2%}  {_describe(o)}" for o in self.outcomes]
+        width = max([8, *(len(hop.table) for o in self.outcomes for hop in o.hops)])
         for outcome in self.outcomes:
             lines.append(f"path to {outcome.endpoint or outcome.fate.value}:")
-            lines += [f"  {hop.table:<8} {hop.chain}: {hop.rule}" for hop in outcome.hops]
+            lines += [f"  {hop.table:<{width}} {hop.chain}: {hop.rule}" for hop in outcome.hops]
         return "\n".join(lines)
+
+
+VERDICT_FATES = {"DROP": Fate.DROPPED, "REJECT": Fate.REJECTED}
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """One branch of a walk: its share of new connections and what the rules did to it so far."""
+
+    probability: float
+    dst: str
+    dport: int
+    hops: tuple[Hop, ...] = ()
+    mark: int = 0
+    dnat: str | None = None
+    verdict: str | None = None  # ACCEPT/DROP/REJECT ends the hook (chain); RETURN leaves the current chain
+    masquerade_reason: str | None = None
+    masqueraded: bool = False
+    reason: str | None = None
+    service: str | None = None
+    frontend: str | None = None
+    affinity: bool = False
+
+    def outcome(self) -> Outcome:
+        """How this branch ends."""
+        if self.verdict in VERDICT_FATES:
+            return Outcome(self.probability, VERDICT_FATES[self.verdict], None, None, self.reason, self.hops)
+        masquerade = self.masquerade_reason if self.masqueraded else None
+        fate = Fate.ENDPOINT if self.dnat else Fate.UNHANDLED
+        return Outcome(self.probability, fate, self.dnat, masquerade, None, self.hops)
+
+
+def explanation(mode: str, packet: Packet, branches: list[Branch]) -> Explanation:
+    """The Explanation of a finished walk: its branches merged by outcome, the first Service and frontend."""
+    return Explanation(
+        mode=mode,
+        packet=packet,
+        service=next((b.service for b in branches if b.service), None),
+        frontend=next((b.frontend for b in branches if b.frontend), None),
+        outcomes=merge(b.outcome() for b in branches),
+        affinity=any(b.affinity for b in branches),
+    )
 
 
 def _outcome_json(outcome: Outcome) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import tests.netns.test_flows as flows
 import tests.netns.test_semantics as semantics
 from kproxyd.lab.cluster import LabCluster
 
-MODES_EXPLAINED = ("iptables",)
+MODES_EXPLAINED = ("iptables", "nftables")
 
 
 @dataclass(frozen=True)
