@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(status_main(argv[1:]))
     configure_logging()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until the daemon installs its own: nothing to undo yet
+        signal.signal(signum, lambda *_: sys.exit(0))
     try:
         config = parse_config(argv)
     except ConfigError as err:

@@ -58,7 +58,6 @@ class Daemon:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = ProxyMetrics()
-        self.stopped = threading.Event()
         families = proxy_families(config)
         trackers = {f: ProxyStateTracker(config.hostname, family=f, on_change=self._changed) for f in families}
         backends = {family: make_backend(config, family) for family in families}
@@ -155,8 +154,12 @@ class Daemon:
             start_http_server(metrics[1], metrics[0], registry=self.metrics.registry)
 
     def stop(self) -> None:
-        """Stop syncing and watching; the programmed rules stay so traffic keeps flowing."""
-        self.runner.stop()
+        """Stop syncing and watching; the programmed rules stay so traffic keeps flowing.
+
+        A sync still running gets a moment to finish; each kernel write is atomic, so cutting it short
+        leaves the previous or the new rules, never half of them.
+        """
+        self.runner.stop(timeout=3.0)
         for reflector in self.reflectors:
             reflector.stop()
         if self._health_server:
@@ -166,16 +169,17 @@ class Daemon:
 
 
 def run_daemon(config: ProxyConfig) -> int:
-    """Run until SIGTERM or SIGINT."""
-    daemon = Daemon(config)
+    """Run until SIGTERM or SIGINT (a signal during start-up stops it as soon as it is up)."""
+    stopped = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal received", signal=signal.Signals(signum).name)
-        daemon.stopped.set()
+        stopped.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    daemon = Daemon(config)
     daemon.start()
-    daemon.stopped.wait()
+    stopped.wait()
     daemon.stop()
     return 0

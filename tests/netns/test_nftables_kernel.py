@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import uuid
-from collections.abc import Iterator
-
 import pytest
 
 from kproxyd.backends.nftables.backend import NftablesBackend
 from kproxyd.backends.nftables.kernel import NftError, NftKernel
 from kproxyd.config import ProxyConfig
-from kproxyd.model import Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, ServiceType
-from kproxyd.plan import ServicePlan, plan_service_port
+from kproxyd.model import NodeInfo, ServicePort, ServicePortName, ServiceType
+from kproxyd.plan import ServicePlan
+from tests import model_factories
+from tests.model_factories import eps, spn, svc
 
 pytestmark = pytest.mark.netns
 
 NODE = NodeInfo("node1", addresses=("192.168.0.2",))
 CONFIG = ProxyConfig(cluster_cidrs=("10.0.0.0/8",), mode="nftables")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh, empty network namespace, deleted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"kpt-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 class CountingKernel(NftKernel):
@@ -56,12 +40,11 @@ def backend(kernel: NftKernel) -> NftablesBackend:
 
 
 def port(name: str, ip: str, **kw: object) -> ServicePort:
-    kw.setdefault("type", ServiceType.NODE_PORT if "node_port" in kw else ServiceType.CLUSTER_IP)
-    return ServicePort(ServicePortName("ns1", name, "p80", Protocol.TCP), cluster_ips=(ip,), port=80, **kw)  # type: ignore[arg-type]
+    return svc(spn(name=name), ip, **kw)
 
 
 def plans(*pairs: tuple[ServicePort, list[str]]) -> dict[ServicePortName, ServicePlan]:
-    return {p.name: plan_service_port(p, [Endpoint(ip, 8080) for ip in ips], NODE) for p, ips in pairs}
+    return model_factories.plans(*((p, eps(*ips, port=8080)) for p, ips in pairs), node=NODE)
 
 
 WORKLOAD = plans(
@@ -94,9 +77,9 @@ def test_full_sync_is_accepted_and_reads_back(kernel: CountingKernel) -> None:
         "chain service-",
         "ns1/web/tcp/p80",
         "numgen random mod 3 0 goto endpoint-",
-        "10.96.0.10 . tcp . 80 : goto service-",
+        "10.96.0.10 . tcp . 80 counter packets 0 bytes 0 : goto service-",
         "10.96.0.13 . tcp . 80 : goto reject-chain",
-        "tcp . 30080 : goto external-",
+        "tcp . 30080 counter packets 0 bytes 0 : goto external-",
         "172.29.0.10 . tcp . 80 : goto firewall-",
         "flags dynamic,timeout",
         "masquerade fully-random",

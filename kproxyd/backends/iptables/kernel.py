@@ -17,6 +17,7 @@ from typing import Literal
 import structlog
 from pyroute2 import IPRoute
 
+from kproxyd.backends.common import refused_line
 from kproxyd.backends.iptables.names import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
@@ -56,6 +57,13 @@ class Jump:
     def args(self) -> tuple[str, ...]:
         """The rule's arguments after the chain name, as kube-proxy spells them."""
         return (*self.extra, "-m", "comment", "--comment", self.comment, "-j", self.target)
+
+    @property
+    def save_line(self) -> str:
+        """The rule as iptables-save prints it."""
+        return " ".join(
+            ["-A", self.source, *self.extra, "-m", "comment", "--comment", f'"{self.comment}"', "-j", self.target]
+        )
 
 
 JUMPS = (
@@ -116,6 +124,21 @@ def local_addresses(family: int = 4) -> list[str]:
         return [str(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(family=af)]
 
 
+def _chains_and_rules(saved: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Per table, the chains declared and the rule lines in an iptables-save output."""
+    chains: dict[str, set[str]] = {}
+    rules: dict[str, set[str]] = {}
+    table = ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chains.setdefault(table, set()).add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A "):
+            rules.setdefault(table, set()).add(line)
+    return chains, rules
+
+
 def detect_iptables_variant(
     prefix: Sequence[str] = (),
     legacy_save: str = "iptables-legacy-save",
@@ -155,10 +178,7 @@ class IptablesKernel:
         proc = _run([*self._prefix, f"{self._iptables}-restore", "--noflush", "--wait"], text)
         if proc.returncode == 0:
             return
-        match = _LINE_NUMBER.search(proc.stderr)
-        line = int(match.group(1)) if match else None
-        lines = text.splitlines()
-        line_text = lines[line - 1] if line is not None and 0 < line <= len(lines) else None
+        line, line_text = refused_line(proc.stderr, text, _LINE_NUMBER)
         log.error("iptables-restore failed", line=line, line_text=line_text, stderr=proc.stderr.strip())
         raise IptablesRestoreError(proc.stderr, line, line_text)
 
@@ -176,12 +196,18 @@ class IptablesKernel:
         }
 
     def ensure_jumps(self) -> None:
-        """Create the canary and top-level chains (never flushing one) and kube-proxy's jumps, each once."""
-        for table, chain in _ENSURED_CHAINS:
-            self._ensure_chain(table, chain)
+        """Create the canary and top-level chains (never flushing one) and kube-proxy's jumps, each once.
+
+        One iptables-save says what exists; only what it lacks costs a command (`-C` confirms a jump before
+        inserting it, in case iptables-save spells the rule differently).
+        """
+        chains, rules = _chains_and_rules(self.save())
+        wanted = [*_ENSURED_CHAINS, *((jump.table, jump.target) for jump in JUMPS)]
+        for table, chain in dict.fromkeys(wanted):
+            if chain not in chains.get(table, set()):
+                self._ensure_chain(table, chain)
         for jump in JUMPS:
-            self._ensure_chain(jump.table, jump.target)
-            if not self._has_rule(jump):
+            if jump.save_line not in rules.get(jump.table, set()) and not self._has_rule(jump):
                 self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-I", jump.source, *jump.args])
 
     def enable_route_localnet(self) -> None:
