@@ -93,6 +93,12 @@ class ServicePlan:
         return _verdict(self.external_endpoints, self.has_any_endpoints)
 
     @property
+    def uses_firewall(self) -> bool:
+        """True when load-balancer traffic is filtered by loadBalancerSourceRanges."""
+        port = self.port
+        return self.has_any_endpoints and bool(port.load_balancer_ips and port.load_balancer_source_ranges)
+
+    @property
     def short_circuit_local_sources(self) -> bool:
         """With externalTrafficPolicy Local, pods and the node itself still reach the cluster-policy set.
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+R = TypeVar("R")  # a walker's parsed rule
 
 
 class Fate(enum.StrEnum):
@@ -163,6 +164,43 @@ def explanation(mode: str, packet: Packet, branches: list[Branch]) -> Explanatio
         outcomes=merge(b.outcome() for b in branches),
         affinity=any(b.affinity for b in branches),
     )
+
+
+def walk_chain(
+    rules: Iterable[R],
+    branch: Branch,
+    affinity: Callable[[R], bool],
+    share: Callable[[R, Branch], float],
+    apply: Callable[[R, Branch], list[Branch]],
+) -> list[Branch]:
+    """Run a chain's rules over a branch; return the branches that ended (verdict) or left it (verdict None).
+
+    A rule matching a share of a branch splits it (the random spread over endpoints); apply() runs the
+    matched rule on its part; an affinity rule marks the branch as subject to session affinity.
+    """
+    active, done = [branch], []
+    for rule in rules:
+        following: list[Branch] = []
+        for current in active:
+            if affinity(rule):
+                current = replace(current, affinity=True)  # a new client has no affinity entry yet
+            part = share(rule, current)
+            if part < 1:
+                following.append(replace(current, probability=current.probability * (1 - part)))
+            if part > 0:
+                taken = replace(current, probability=current.probability * part)
+                for result in apply(rule, taken):
+                    if result.verdict == "RETURN":
+                        done.append(replace(result, verdict=None))
+                    else:
+                        (done if result.verdict else following).append(result)
+        active = following
+    return done + active
+
+
+def chain_kind(chain: str, kinds: Mapping[str, str]) -> str:
+    """The kind of a per-ServicePort chain (cluster, local, external, endpoint) by its name prefix, or ""."""
+    return next((kind for prefix, kind in kinds.items() if chain.startswith(prefix)), "")
 
 
 def _outcome_json(outcome: Outcome) -> dict[str, Any]:

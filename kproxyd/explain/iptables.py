@@ -12,7 +12,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.iptables.names import KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_SERVICES
-from kproxyd.explain.common import Explanation, Fate, Hop, Outcome, Packet, masquerade_reason, merge
+from kproxyd.explain.common import (
+    VERDICT_FATES,
+    Branch,
+    Explanation,
+    Hop,
+    Packet,
+    chain_kind,
+    explanation,
+    masquerade_reason,
+    walk_chain,
+)
 
 # Options that take no value, and the options of -m recent that only qualify --rcheck / --set.
 _FLAGS = frozenset({"--rcheck", "--set", "--reap", "--update", "--random-fully"})
@@ -20,7 +30,6 @@ _RECENT = frozenset({"--name", "--seconds", "--reap", "--rsource", "--mask"})
 _PASSIVE = frozenset({"--comment", "--set"}) | _RECENT
 _CHAIN_KINDS = {"KUBE-SVC-": "cluster", "KUBE-SVL-": "local", "KUBE-EXT-": "external", "KUBE-SEP-": "endpoint"}
 _TERMINAL = frozenset({"ACCEPT", "DROP", "REJECT"})
-_FATE = {"DROP": Fate.DROPPED, "REJECT": Fate.REJECTED}
 
 
 class UnsupportedRule(ValueError):
@@ -101,29 +110,6 @@ def _options(tokens: list[str]) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class _State:
-    """One branch of the walk."""
-
-    probability: float
-    dst: str
-    dport: int
-    hops: tuple[Hop, ...] = ()
-    mark: int = 0
-    dnat: str | None = None
-    verdict: str | None = None  # ACCEPT/DROP/REJECT ends the hook; RETURN leaves the current chain
-    masquerade_reason: str | None = None
-    masqueraded: bool = False
-    reason: str | None = None
-    service: str | None = None
-    frontend: str | None = None
-    affinity: bool = False
-
-
-def _chain_kind(chain: str) -> str:
-    return next((kind for prefix, kind in _CHAIN_KINDS.items() if chain.startswith(prefix)), "")
-
-
 def _ours(rule: Rule) -> bool:
     """Only kube-proxy's chains, and the built-in chains' jumps into them, are walked."""
     return rule.chain.startswith("KUBE-") or (rule.target or "").startswith("KUBE-")
@@ -138,52 +124,31 @@ class IptablesWalker:
 
     def explain(self, packet: Packet) -> Explanation:
         """Every way a new connection of this packet can go, merged by outcome."""
-        states = list(self._hooks(packet))
-        service = next((s.service for s in states if s.service), None)
-        frontend = next((s.frontend for s in states if s.frontend), None)
-        return Explanation(
-            mode="iptables",
-            packet=packet,
-            service=service,
-            frontend=frontend,
-            outcomes=merge(_outcome(s) for s in states),
-            affinity=any(s.affinity for s in states),
-        )
+        return explanation("iptables", packet, list(self._hooks(packet)))
 
-    def _hooks(self, packet: Packet) -> Iterator[_State]:
+    def _hooks(self, packet: Packet) -> Iterator[Branch]:
         """nat PREROUTING or OUTPUT, then filter INPUT, FORWARD or OUTPUT, then nat POSTROUTING."""
-        start = _State(1.0, packet.dst, packet.dport)
+        start = Branch(1.0, packet.dst, packet.dport)
         for nat in self._chain(packet, "nat", "OUTPUT" if packet.from_node else "PREROUTING", start):
             local = packet.is_local(nat.dst)
             chain = "OUTPUT" if packet.from_node else "INPUT" if local else "FORWARD"
             for filtered in self._chain(packet, "filter", chain, replace(nat, verdict=None)):
-                if filtered.verdict in _FATE or chain == "INPUT":
+                if filtered.verdict in VERDICT_FATES or chain == "INPUT":
                     yield filtered
                 else:
                     yield from self._chain(packet, "nat", "POSTROUTING", replace(filtered, verdict=None))
 
-    def _chain(self, packet: Packet, table: str, chain: str, state: _State) -> list[_State]:
+    def _chain(self, packet: Packet, table: str, chain: str, state: Branch) -> list[Branch]:
         """Run a chain; return the branches that ended (verdict) or fell off its end (verdict None)."""
-        active, done = [state], []
-        for rule in filter(_ours, self._rules.get(table, {}).get(chain, [])):
-            following: list[_State] = []
-            for branch in active:
-                if rule.has("--rcheck"):
-                    branch = replace(branch, affinity=True)  # a new client has no entry yet
-                share = _match(packet, rule, branch)
-                if share < 1:
-                    following.append(replace(branch, probability=branch.probability * (1 - share)))
-                if share > 0:
-                    taken = replace(branch, probability=branch.probability * share)
-                    for result in self._target(packet, table, rule, taken):
-                        if result.verdict == "RETURN":
-                            done.append(replace(result, verdict=None))
-                        else:
-                            (done if result.verdict else following).append(result)
-            active = following
-        return done + active
+        return walk_chain(
+            filter(_ours, self._rules.get(table, {}).get(chain, [])),
+            state,
+            lambda rule: rule.has("--rcheck"),
+            lambda rule, branch: _match(packet, rule, branch),
+            lambda rule, branch: self._target(packet, table, rule, branch),
+        )
 
-    def _target(self, packet: Packet, table: str, rule: Rule, state: _State) -> list[_State]:
+    def _target(self, packet: Packet, table: str, rule: Rule, state: Branch) -> list[Branch]:
         """Apply a matched rule's target to a branch."""
         before = state.hops
         state = _annotate(table, rule, replace(state, hops=(*before, Hop(table, rule.chain, rule.text))))
@@ -206,13 +171,13 @@ class IptablesWalker:
         raise UnsupportedRule(f"target {target} in {rule.chain}: {rule.text}")
 
 
-def _annotate(table: str, rule: Rule, state: _State) -> _State:
+def _annotate(table: str, rule: Rule, state: Branch) -> Branch:
     """Record what a matched rule tells: the Service and frontend, a masquerade's or a verdict's reason."""
     if rule.target == KUBE_MARK_MASQ:
         conditional = any(m.option in ("-s", "-i", "--src-type") for m in rule.matches)
-        reason = masquerade_reason(_chain_kind(rule.chain), conditional)
+        reason = masquerade_reason(chain_kind(rule.chain, _CHAIN_KINDS), conditional)
         return replace(state, masquerade_reason=state.masquerade_reason or reason)
-    if rule.target in _FATE:
+    if rule.target in VERDICT_FATES:
         return replace(state, reason=rule.comment or rule.text, service=state.service or _service(rule.comment))
     if table == "nat" and rule.chain in (KUBE_SERVICES, KUBE_NODEPORTS) and rule.comment and not state.service:
         name, _, frontend = rule.comment.partition(" ")
@@ -226,15 +191,6 @@ def _service(comment: str) -> str | None:
     return name if name.count("/") == 1 else None
 
 
-def _outcome(state: _State) -> Outcome:
-    masquerade = state.masquerade_reason if state.masqueraded else None
-    if state.verdict in _FATE:
-        fate = _FATE[state.verdict]
-        return Outcome(state.probability, fate, None, None, state.reason, state.hops)
-    fate = Fate.ENDPOINT if state.dnat else Fate.UNHANDLED
-    return Outcome(state.probability, fate, state.dnat, masquerade, None, state.hops)
-
-
 def _mark(mark: int, args: dict[str, str]) -> int:
     if "--or-mark" in args:
         return mark | int(args["--or-mark"], 0)
@@ -244,7 +200,7 @@ def _mark(mark: int, args: dict[str, str]) -> int:
     return (mark & ~int(mask or "0xffffffff", 0)) ^ int(value, 0)
 
 
-def _match(packet: Packet, rule: Rule, state: _State) -> float:
+def _match(packet: Packet, rule: Rule, state: Branch) -> float:
     """The share of the branch the rule matches: 0 or 1, or the probability of -m statistic."""
     share = 1.0
     for m in rule.matches:
@@ -255,7 +211,7 @@ def _match(packet: Packet, rule: Rule, state: _State) -> float:
     return share
 
 
-def _test(packet: Packet, m: Match, state: _State) -> bool:
+def _test(packet: Packet, m: Match, state: Branch) -> bool:
     """One match option, not negated."""
     option, value = m.option, m.value
     if option in ("-s", "-d"):

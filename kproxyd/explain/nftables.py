@@ -23,7 +23,17 @@ from kproxyd.backends.nftables.names import (
     SERVICE_IPS,
     SERVICE_NODEPORTS,
 )
-from kproxyd.explain.common import VERDICT_FATES, Branch, Explanation, Hop, Packet, explanation, masquerade_reason
+from kproxyd.explain.common import (
+    VERDICT_FATES,
+    Branch,
+    Explanation,
+    Hop,
+    Packet,
+    chain_kind,
+    explanation,
+    masquerade_reason,
+    walk_chain,
+)
 
 _AFFINITY = "affinity-"  # per-endpoint sets of names.affinity_set: a new client is in none of them
 _CHAIN_KINDS = {"service-": "cluster", "local-": "local", "external-": "external", "endpoint-": "endpoint"}
@@ -179,24 +189,13 @@ class NftablesWalker:
 
     def _chain(self, packet: Packet, base: str, chain: str, branch: Branch) -> list[Branch]:
         """Run a chain: the branches that ended (verdict) or left it to go on in its caller (verdict None)."""
-        active, done = [branch], []
-        for rule in self._table.chains.get(chain, ()):
-            following: list[Branch] = []
-            for current in active:
-                if rule.affinity:
-                    current = replace(current, affinity=True)  # a new client is in no affinity set yet
-                share = self._matches(packet, rule, current)
-                if share < 1:
-                    following.append(replace(current, probability=current.probability * (1 - share)))
-                if share > 0:
-                    taken = replace(current, probability=current.probability * share)
-                    for result in self._statements(packet, base, rule, taken):
-                        if result.verdict == "RETURN":
-                            done.append(replace(result, verdict=None))
-                        else:
-                            (done if result.verdict else following).append(result)
-            active = following
-        return done + active
+        return walk_chain(
+            self._table.chains.get(chain, ()),
+            branch,
+            lambda rule: rule.affinity,  # a new client is in no affinity set yet
+            lambda rule, current: self._matches(packet, rule, current),
+            lambda rule, current: self._statements(packet, base, rule, current),
+        )
 
     def _matches(self, packet: Packet, rule: NftRule, branch: Branch) -> float:
         """The share of the branch the rule's matches take: 0 or 1, or 1/k of `numgen random mod k`."""
@@ -286,7 +285,7 @@ class NftablesWalker:
     ) -> list[Branch]:
         """Run the target chain; after a goto, what leaves it leaves this chain too."""
         if target == MARK_FOR_MASQUERADE:
-            reason = masquerade_reason(_chain_kind(rule.chain), _source_match(rule))
+            reason = masquerade_reason(chain_kind(rule.chain, _CHAIN_KINDS), _source_match(rule))
             branch = replace(branch, masquerade_reason=branch.masquerade_reason or reason)
         results = self._chain(packet, base, target, branch)
         if kind == "goto":
@@ -400,10 +399,6 @@ def _comparable(value: Any) -> Any:
         except ValueError:
             return value
     return value
-
-
-def _chain_kind(chain: str) -> str:
-    return next((kind for prefix, kind in _CHAIN_KINDS.items() if chain.startswith(prefix)), "")
 
 
 def _source_match(rule: NftRule) -> bool:

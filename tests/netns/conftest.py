@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import pytest
 
 from kproxyd.lab.cluster import LabCluster
+from tests.scratch_netns import scratch_netns
 
 PROXY_MODES = ["iptables", "nftables"]
 
@@ -40,3 +42,19 @@ def lab(proxy_mode: str) -> Iterator[LabCluster]:
         if os.environ.get("KPROXYD_SHOW_LOGS"):
             for node in ("node1", "node2"):
                 print(cluster.proxy_log(node))
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, empty network namespace, deleted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with scratch_netns() as name:
+        yield name
+
+
+@pytest.fixture
+def make_netns() -> Iterator[Callable[[], str]]:
+    """Makes fresh, empty network namespaces, all deleted afterwards."""
+    with ExitStack() as namespaces:
+        yield lambda: namespaces.enter_context(scratch_netns())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -42,20 +40,9 @@ def make_plans(n: int, endpoints: int = 3, port: int = 80) -> Plans:
 
 
 @pytest.fixture
-def make_kernel() -> Iterator[Callable[[], IptablesKernel]]:
+def make_kernel(make_netns: Callable[[], str]) -> Callable[[], IptablesKernel]:
     """Makes iptables-nft kernels, each in a fresh network namespace deleted afterwards."""
-    names: list[str] = []
-
-    def make() -> IptablesKernel:
-        names.append(f"kpt-{uuid.uuid4().hex[:10]}")
-        subprocess.run(["ip", "netns", "add", names[-1]], check=True)
-        return IptablesKernel("nft", prefix=("ip", "netns", "exec", names[-1]))
-
-    try:
-        yield make
-    finally:
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=True)
+    return lambda: IptablesKernel("nft", prefix=("ip", "netns", "exec", make_netns()))
 
 
 def backend(kernel: IptablesKernel, batch_chains: int | None) -> IptablesBackend:

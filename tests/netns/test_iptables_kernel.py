@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
-import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,19 +35,6 @@ OPTIONS = IptablesRenderOptions(
     node_ips=("192.168.0.2",),
 )
 NODE = NodeInfo("node1")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh, empty network namespace, deleted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"kpt-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 @pytest.fixture(params=VARIANTS)

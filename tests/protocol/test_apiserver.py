@@ -17,16 +17,6 @@ PROXY_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.
 
 
 @pytest.fixture
-def server() -> Iterator[LabApiServer]:
-    srv = LabApiServer(bookmark_interval=0.2)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
 def core(server: LabApiServer, tmp_path: Path) -> Iterator[kubernetes.client.CoreV1Api]:
     path = tmp_path / "kubeconfig"
     write_kubeconfig(path, server.url)

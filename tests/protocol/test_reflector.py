@@ -67,16 +67,6 @@ def service(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 @pytest.fixture
-def server() -> Iterator[LabApiServer]:
-    srv = LabApiServer(bookmark_interval=0.2)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
 def reflectors(server: LabApiServer) -> Iterator[Callable[..., Reflector]]:
     started: list[Reflector] = []
     clients: list[kubernetes.client.ApiClient] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -16,24 +15,16 @@ from kproxyd.backends.nftables.transaction import TableObjects, Transaction, ful
 from kproxyd.explain.common import Explanation, Fate, Packet
 from kproxyd.explain.iptables import IptablesWalker, Match, parse_rule, parse_save
 from kproxyd.explain.nftables import NftablesWalker, parse_json
-from kproxyd.model import (
-    DetectLocalMode,
-    Endpoint,
-    LocalTrafficDetector,
-    NodeInfo,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    ServiceType,
-)
+from kproxyd.model import Endpoint, NodeInfo, ServicePort, ServiceType
 from kproxyd.plan import plan_service_port
+from tests import model_factories
+from tests.model_factories import CLUSTER_CIDR, spn, svc
+from tests.scratch_netns import scratch_netns
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "explain"
+GOLDEN = model_factories.GOLDEN / "explain"
 NODE = NodeInfo("node1", addresses=("192.168.0.1",))
 NODE_IP, CLUSTER_IP, LB_IP = "192.168.0.1", "172.30.0.41", "203.0.113.7"
 POD, OUTSIDE = "10.1.2.3", "198.51.100.9"
-DETECTOR = LocalTrafficDetector(DetectLocalMode.CLUSTER_CIDR, ("10.0.0.0/8",))
-NAME = ServicePortName("ns1", "svc1", "p80", Protocol.TCP)
 ENDPOINTS = (
     Endpoint("10.180.0.1", 80, node_name="node1"),
     Endpoint("10.180.0.2", 80, node_name="node2"),
@@ -43,7 +34,7 @@ ENDPOINTS = (
 
 def walker(port: ServicePort, endpoints: tuple[Endpoint, ...] = ENDPOINTS, **options: object) -> IptablesWalker:
     """Render one ServicePort as kproxyd writes it, add kube-proxy's jumps from the built-in chains, parse."""
-    opts = IptablesRenderOptions(local_detector=DETECTOR, node_ips=(NODE_IP,), **options)  # type: ignore[arg-type]
+    opts = IptablesRenderOptions(local_detector=CLUSTER_CIDR, node_ips=(NODE_IP,), **options)  # type: ignore[arg-type]
     plan = plan_service_port(port, endpoints, NODE)
     rules = parse_save(IptablesRenderer(opts).render({port.name: plan}, None, set()).text)
     for jump in JUMPS:
@@ -54,8 +45,7 @@ def walker(port: ServicePort, endpoints: tuple[Endpoint, ...] = ENDPOINTS, **opt
 
 
 def port(**kw: object) -> ServicePort:
-    kw.setdefault("type", ServiceType.CLUSTER_IP)
-    return ServicePort(name=NAME, cluster_ips=(CLUSTER_IP,), port=80, **kw)  # type: ignore[arg-type]
+    return svc(spn(), CLUSTER_IP, **kw)
 
 
 def packet(src: str, dst: str = CLUSTER_IP, dport: int = 80, iif: str = "eth0", proto: str = "TCP") -> Packet:
@@ -181,10 +171,7 @@ def test_json_output() -> None:
 def test_text_output_golden(name: str, pkt: Packet) -> None:
     """tests/golden/explain/<name>.txt; KPROXYD_UPDATE_GOLDEN=1 rewrites it."""
     text = walker(port(type=ServiceType.NODE_PORT, node_port=30080), ENDPOINTS[:2]).explain(pkt).to_text() + "\n"
-    path = GOLDEN / f"{name}.txt"
-    if os.environ.get("KPROXYD_UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; KPROXYD_UPDATE_GOLDEN=1 regenerates it"
+    model_factories.assert_golden(GOLDEN / f"{name}.txt", text)
 
 
 # nftables: the ruleset kproxyd renders, as the kernel lists it back (`nft -j`), checked in beside the .nft
@@ -194,9 +181,7 @@ NFT_GOLDEN = GOLDEN / "nftables"
 
 def nft_port(n: int, **kw: object) -> ServicePort:
     """Service svcN of ns1 on cluster IP 172.30.0.4N."""
-    name = ServicePortName("ns1", f"svc{n}", "p80", Protocol.TCP)
-    kw.setdefault("type", ServiceType.NODE_PORT if "node_port" in kw else ServiceType.CLUSTER_IP)
-    return ServicePort(name=name, cluster_ips=(f"172.30.0.4{n}",), port=80, **kw)  # type: ignore[arg-type]
+    return svc(spn(name=f"svc{n}"), f"172.30.0.4{n}", **kw)
 
 
 NFT_SERVICES = {
@@ -224,7 +209,7 @@ NFT_SERVICES = {
 def nft_ruleset(name: str) -> str:
     """The `nft -f` text of a full sync of one set of Services."""
     options = NftRenderOptions(
-        local_detector=DETECTOR, node_ips=(NODE_IP,), masquerade_all=name == "masquerade_all"
+        local_detector=CLUSTER_CIDR, node_ips=(NODE_IP,), masquerade_all=name == "masquerade_all"
     )
     renderer = NftRenderer(options)
     ports = {p.name: renderer.port(plan_service_port(p, eps, NODE)) for p, eps in NFT_SERVICES[name]}
@@ -235,14 +220,10 @@ def nft_ruleset(name: str) -> str:
 
 def listed_in_scratch_namespace(text: str) -> str:
     """`nft -j list table ip kube-proxy` after loading text in a namespace of its own (root only)."""
-    ns = f"kpx-explain-golden-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
+    with scratch_netns() as ns:
         subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text, text=True, check=True)
         argv = ["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "ip", "kube-proxy"]
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=True)
 
 
 def nft_walker(name: str = "services") -> NftablesWalker:

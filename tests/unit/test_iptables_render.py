@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given, settings
@@ -24,29 +22,12 @@ from kproxyd.model import (
     ServicePortName,
     ServiceType,
 )
-from kproxyd.plan import ServicePlan, plan_service_port
+from kproxyd.plan import ServicePlan
+from tests import model_factories
+from tests.model_factories import CLUSTER_CIDR, eps, plans, spn, svc
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "iptables"
-NODE = NodeInfo("node1")
-CLUSTER_CIDR = LocalTrafficDetector(DetectLocalMode.CLUSTER_CIDR, ("10.0.0.0/8",))
+GOLDEN = model_factories.GOLDEN / "iptables"
 BUILTIN_TARGETS = {"ACCEPT", "DROP", "REJECT", "RETURN", "MARK", "MASQUERADE", "DNAT"}
-
-
-def spn(ns: str = "ns1", name: str = "svc1", port: str = "p80", proto: Protocol = Protocol.TCP) -> ServicePortName:
-    return ServicePortName(ns, name, port, proto)
-
-
-def svc(name: ServicePortName, cluster_ip: str, port: int = 80, **kw: object) -> ServicePort:
-    kw.setdefault("type", ServiceType.NODE_PORT if "node_port" in kw else ServiceType.CLUSTER_IP)
-    return ServicePort(name=name, cluster_ips=(cluster_ip,), port=port, **kw)  # type: ignore[arg-type]
-
-
-def eps(*ips: str, port: int = 80, node: str | None = None) -> list[Endpoint]:
-    return [Endpoint(ip, port, node_name=node) for ip in ips]
-
-
-def plans(*pairs: tuple[ServicePort, Sequence[Endpoint]]) -> dict[ServicePortName, ServicePlan]:
-    return {p.name: plan_service_port(p, e, NODE) for p, e in pairs}
 
 
 def render(
@@ -60,11 +41,7 @@ def render(
 
 def assert_golden(name: str, text: str) -> None:
     """Compare with tests/golden/iptables/<name>.rules; KPROXYD_UPDATE_GOLDEN=1 rewrites the file."""
-    path = GOLDEN / f"{name}.rules"
-    if os.environ.get("KPROXYD_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; KPROXYD_UPDATE_GOLDEN=1 regenerates it"
+    model_factories.assert_golden(GOLDEN / f"{name}.rules", text)
 
 
 def check_restore_text(text: str, known: Iterable[str] = ()) -> dict[str, set[str]]:

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from pathlib import Path
-
 from kproxyd.backends.nftables.names import endpoint_chain, port_chains
 from kproxyd.backends.nftables.render import NftRenderer, NftRenderOptions, PortRules
 from kproxyd.backends.nftables.transaction import TableObjects, Transaction, full_sync, partial_sync
-from kproxyd.model import (
-    DetectLocalMode,
-    Endpoint,
-    LocalTrafficDetector,
-    NodeInfo,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    ServiceType,
-)
-from kproxyd.plan import ServicePlan, plan_service_port
+from kproxyd.model import Endpoint, ServicePortName, ServiceType
+from kproxyd.plan import ServicePlan
+from tests import model_factories
+from tests.model_factories import CLUSTER_CIDR, eps, plans, spn, svc
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "nftables"
-NODE = NodeInfo("node1")
-CLUSTER_CIDR = LocalTrafficDetector(DetectLocalMode.CLUSTER_CIDR, ("10.0.0.0/8",))
+GOLDEN = model_factories.GOLDEN / "nftables"
 OPTIONS = NftRenderOptions(local_detector=CLUSTER_CIDR)
 EMPTY = TableObjects()
-
-
-def spn(ns: str = "ns1", name: str = "svc1", port: str = "p80", proto: Protocol = Protocol.TCP) -> ServicePortName:
-    return ServicePortName(ns, name, port, proto)
-
-
-def svc(name: ServicePortName, cluster_ip: str, port: int = 80, **kw: object) -> ServicePort:
-    kw.setdefault("type", ServiceType.NODE_PORT if "node_port" in kw else ServiceType.CLUSTER_IP)
-    return ServicePort(name=name, cluster_ips=(cluster_ip,), port=port, **kw)  # type: ignore[arg-type]
-
-
-def eps(*ips: str, port: int = 80, node: str | None = None) -> list[Endpoint]:
-    return [Endpoint(ip, port, node_name=node) for ip in ips]
-
-
-def plans(*pairs: tuple[ServicePort, Sequence[Endpoint]]) -> dict[ServicePortName, ServicePlan]:
-    return {p.name: plan_service_port(p, e, NODE) for p, e in pairs}
 
 
 def ports(
@@ -64,10 +34,7 @@ def full(
 
 def assert_golden(name: str, text: str) -> None:
     """Compare with tests/golden/nftables/<name>.nft; KPROXYD_UPDATE_GOLDEN=1 rewrites the file."""
-    path = GOLDEN / f"{name}.nft"
-    if os.environ.get("KPROXYD_UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; KPROXYD_UPDATE_GOLDEN=1 regenerates it"
+    model_factories.assert_golden(GOLDEN / f"{name}.nft", text)
 
 
 def test_names_match_kube_proxy_tests() -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Mapping
 import structlog
 
 from kproxyd.backends import FrontendCounter, WriteStats
+from kproxyd.backends.common import family_addresses
 from kproxyd.backends.iptables.kernel import (
     IptablesKernel,
     Variant,
@@ -54,7 +55,7 @@ def render_options(
         masquerade_all=config.masquerade_all,
         local_detector=local_traffic_detector(config, node, family),
         nodeport_addresses=nodeport_ips(config.nodeport_addresses, node, local_ips, family),
-        node_ips=tuple(ip for ip in node.addresses if ipaddress.ip_address(ip).version == family),
+        node_ips=family_addresses(node, family),
         localhost_nodeports=family == 4 and localhost_nodeports(config),
     )
 

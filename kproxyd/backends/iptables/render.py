@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from kproxyd.backends.common import cluster_ip_masquerade, firewall_sources, pod_traffic
 from kproxyd.backends.iptables.names import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
@@ -31,7 +32,7 @@ from kproxyd.backends.iptables.names import (
     is_service_chain,
     service_chains,
 )
-from kproxyd.model import DetectLocalMode, Endpoint, LocalTrafficDetector, Protocol, ServicePortName
+from kproxyd.model import Endpoint, LocalTrafficDetector, Protocol, ServicePortName
 from kproxyd.plan import ServicePlan, Verdict
 
 log = structlog.get_logger(__name__)
@@ -124,16 +125,11 @@ def _probability(n: int) -> str:
 
 def _detector_matches(detector: LocalTrafficDetector | None) -> tuple[str, str] | None:
     """kube-proxy's LocalTrafficDetector IfLocal/IfNotLocal arguments, or None when not implemented."""
-    if detector is None:
+    pod = pod_traffic(detector, wildcard="+")
+    if pod is None:
         return None
-    if detector.mode in (DetectLocalMode.CLUSTER_CIDR, DetectLocalMode.NODE_CIDR):
-        if not detector.cidrs:
-            return None
-        return f"-s {detector.cidrs[0]}", f"! -s {detector.cidrs[0]}"
-    if not detector.interface:
-        return None
-    iface = detector.interface if detector.mode is DetectLocalMode.BRIDGE_INTERFACE else detector.interface + "+"
-    return f"-i {iface}", f"! -i {iface}"
+    option = "-s" if pod.by_source else "-i"
+    return f"{option} {pod.value}", f"! {option} {pod.value}"
 
 
 class IptablesRenderer:
@@ -144,6 +140,7 @@ class IptablesRenderer:
         self._options = options
         self._mark = options.masquerade_mark
         self._detector = _detector_matches(options.local_detector)
+        self._off_cluster = None if self._detector is None else f" {self._detector[1]}"
         self._node_ips = tuple(ipaddress.ip_address(ip) for ip in options.node_ips)
 
     def render(
@@ -251,7 +248,7 @@ class IptablesRenderer:
     def _write_frontends(self, sync: _Sync, plan: ServicePlan, chains: ServiceChains) -> None:
         """The top-level rules of one ServicePort: captures in nat, verdicts and firewall in filter."""
         label = str(plan.name)
-        for fe in _frontends(plan, chains, self._uses_firewall(plan)):
+        for fe in _frontends(plan, chains, plan.uses_firewall):
             if fe.target is not None:
                 sync.nat_rules.append(
                     f"-A {fe.nat_chain} -m comment --comment {fe.comment} {fe.match} -j {fe.target}"
@@ -264,7 +261,7 @@ class IptablesRenderer:
         port = plan.port
         for ip in port.cluster_ips:
             sync.cluster_ips.setdefault(ip, plan.name.service_key)
-        if self._uses_firewall(plan):
+        if plan.uses_firewall:
             sync.filter_rules.extend(
                 f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{label} traffic not accepted by'
                 f' {chains.firewall}" {_PROTO_MATCH[port.protocol]} -d {ip} --dport {port.port} -j DROP'
@@ -276,11 +273,6 @@ class IptablesRenderer:
                 f" -m tcp -p tcp --dport {port.health_check_node_port} -j ACCEPT"
             )
 
-    @staticmethod
-    def _uses_firewall(plan: ServicePlan) -> bool:
-        port = plan.port
-        return plan.has_any_endpoints and bool(port.load_balancer_ips and port.load_balancer_source_ranges)
-
     def _write_service_chains(
         self, sync: _Sync, nat: _NatLines, plan: ServicePlan, chains: ServiceChains, large: bool
     ) -> None:
@@ -290,7 +282,7 @@ class IptablesRenderer:
         if plan.has_any_endpoints and plan.port.externally_accessible:
             used.append(chains.external)
             self._write_external_chain(nat, plan, chains)
-        if self._uses_firewall(plan):
+        if plan.uses_firewall:
             used.append(chains.firewall)
             self._write_firewall_chain(nat, plan, chains)
         seps = {ep: endpoint_chain(plan.name, ep) for ep in plan.all_endpoints}
@@ -310,13 +302,8 @@ class IptablesRenderer:
 
     def _write_internal_masquerade(self, nat: _NatLines, plan: ServicePlan, chains: ServiceChains) -> None:
         """Masquerade cluster-IP traffic from off-cluster sources (or all of it with masquerade_all)."""
-        if plan.internal_verdict is not None:
-            return
-        if self._options.masquerade_all:
-            source = ""
-        elif self._detector is not None:
-            source = " " + self._detector[1]
-        else:
+        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster)
+        if source is None:
             return
         port = plan.port
         chain = chains.local if port.internal_policy_local else chains.cluster
@@ -354,21 +341,12 @@ class IptablesRenderer:
         """KUBE-FW: admit loadBalancerSourceRanges to KUBE-EXT; the rest falls to KUBE-PROXY-FIREWALL."""
         port = plan.port
         prefix = f'-A {chains.firewall} -m comment --comment "{plan.name} loadbalancer IP"'
-        ranges = port.load_balancer_source_ranges
-        sources = list(ranges)
-        if self._admits_node(ranges):
-            # The LB IP is often local too; the node's own requests to it then come from the LB IP.
-            sources.extend(port.load_balancer_ips)
+        sources = firewall_sources(port.load_balancer_source_ranges, port.load_balancer_ips, self._node_ips)
         nat.rules.extend(f"{prefix} -s {source} -j {chains.external}" for source in sources)
         nat.rules.append(
             f'-A {chains.firewall} -m comment --comment "other traffic to {plan.name} will be dropped'
             f' by {KUBE_PROXY_FIREWALL}"'
         )
-
-    def _admits_node(self, ranges: tuple[str, ...]) -> bool:
-        """True when a source range contains one of the node's IPs."""
-        networks = [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in ranges]
-        return any(ip.version == net.version and ip in net for net in networks for ip in self._node_ips)
 
 
 def _endpoint_count(plans: Mapping[ServicePortName, ServicePlan]) -> int:

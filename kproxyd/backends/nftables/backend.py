@@ -9,6 +9,7 @@ from dataclasses import astuple
 import structlog
 
 from kproxyd.backends import FrontendCounter, WriteStats
+from kproxyd.backends.common import family_addresses
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
@@ -36,7 +37,7 @@ def render_options(
         masquerade_all=config.masquerade_all,
         local_detector=local_traffic_detector(config, node, family.version),
         nodeport_addresses=addresses,
-        node_ips=tuple(ip for ip in node.addresses if ipaddress.ip_address(ip).version == family.version),
+        node_ips=family_addresses(node, family.version),
     )
 
 

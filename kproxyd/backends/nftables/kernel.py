@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import structlog
 
+from kproxyd.backends.common import refused_line
 from kproxyd.backends.nftables.names import TABLE
 from kproxyd.backends.nftables.transaction import TableObjects
 
@@ -44,10 +45,7 @@ class NftKernel:
         proc = subprocess.run([*self._argv, "-f", "-"], input=text, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
             return
-        match = _LINE_NUMBER.search(proc.stderr)
-        line = int(match.group(1)) if match else None
-        lines = text.splitlines()
-        line_text = lines[line - 1] if line is not None and 0 < line <= len(lines) else None
+        line, line_text = refused_line(proc.stderr, text, _LINE_NUMBER)
         log.error("nft failed", line=line, line_text=line_text, stderr=proc.stderr.strip()[:2000])
         raise NftError(proc.stderr, line, line_text)
 

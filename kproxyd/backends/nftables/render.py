@@ -10,9 +10,10 @@ sets make one large transaction quadratic in the kernel (bench/nftables_sync.py 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kproxyd.backends.common import cluster_ip_masquerade, firewall_sources, pod_traffic
 from kproxyd.backends.nftables.names import (
     CLUSTER_IPS,
     CLUSTER_IPS_CHECK,
@@ -34,7 +35,7 @@ from kproxyd.backends.nftables.names import (
     endpoint_chain,
     port_chains,
 )
-from kproxyd.model import DetectLocalMode, Endpoint, LocalTrafficDetector
+from kproxyd.model import Endpoint, LocalTrafficDetector
 from kproxyd.plan import ServicePlan, Verdict
 
 _VERDICT = {Verdict.REJECT: f"goto {REJECT_CHAIN}", Verdict.DROP: "drop"}
@@ -164,22 +165,12 @@ class _PortBuilder:
 
 def _detector_matches(detector: LocalTrafficDetector | None, addr: str) -> tuple[str, str] | None:
     """kube-proxy's LocalTrafficDetector IfLocalNFT/IfNotLocalNFT, or None when not implemented."""
-    if detector is None:
+    pod = pod_traffic(detector, wildcard="*")
+    if pod is None:
         return None
-    if detector.mode in (DetectLocalMode.CLUSTER_CIDR, DetectLocalMode.NODE_CIDR):
-        if not detector.cidrs:
-            return None
-        return f"{addr} saddr {detector.cidrs[0]}", f"{addr} saddr != {detector.cidrs[0]}"
-    if not detector.interface:
-        return None
-    iface = detector.interface if detector.mode is DetectLocalMode.BRIDGE_INTERFACE else detector.interface + "*"
-    return f'iifname "{iface}"', f'iifname != "{iface}"'
-
-
-def uses_firewall(plan: ServicePlan) -> bool:
-    """True when load-balancer traffic is filtered by loadBalancerSourceRanges."""
-    port = plan.port
-    return plan.has_any_endpoints and bool(port.load_balancer_ips and port.load_balancer_source_ranges)
+    if pod.by_source:
+        return f"{addr} saddr {pod.value}", f"{addr} saddr != {pod.value}"
+    return f'iifname "{pod.value}"', f'iifname != "{pod.value}"'
 
 
 class NftRenderer:
@@ -190,6 +181,7 @@ class NftRenderer:
         self._options = options
         self._addr = options.family.addr
         self._detector = _detector_matches(options.local_detector, self._addr)
+        self._off_cluster = None if self._detector is None else f" {self._detector[1]}"
         self._node_ips = tuple(ipaddress.ip_address(ip) for ip in options.node_ips)
 
     def static(self) -> StaticRules:
@@ -267,7 +259,7 @@ class NftRenderer:
         self._write_internal_masquerade(out, plan, chains)
         if plan.has_any_endpoints and plan.port.externally_accessible:
             self._write_external_chain(out, plan, chains)
-        if uses_firewall(plan):
+        if plan.uses_firewall:
             self._write_firewall_chain(out, plan, chains)
         seps = {ep: endpoint_chain(plan.name, ep) for ep in plan.all_endpoints}
         if plan.uses_cluster_policy:
@@ -281,13 +273,8 @@ class NftRenderer:
 
     def _write_internal_masquerade(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """Masquerade cluster-IP traffic from off-cluster sources (or all of it with masquerade_all)."""
-        if plan.internal_verdict is not None:
-            return
-        if self._options.masquerade_all:
-            source = ""
-        elif self._detector is not None:
-            source = " " + self._detector[1]
-        else:
+        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster)
+        if source is None:
             return
         port = plan.port
         chain = chains.local if port.internal_policy_local else chains.cluster
@@ -311,15 +298,9 @@ class NftRenderer:
     def _write_firewall_chain(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """firewall-: drop what loadBalancerSourceRanges does not admit (the node's own LB IPs admitted)."""
         port = plan.port
-        sources = [cidr.strip() for cidr in port.load_balancer_source_ranges]
-        if self._admits_node(sources):
-            # The LB IP is often local too; the node's own requests to it then come from the LB IP.
-            sources.extend(port.load_balancer_ips)
+        ranges = [cidr.strip() for cidr in port.load_balancer_source_ranges]
+        sources = firewall_sources(ranges, port.load_balancer_ips, self._node_ips)
         out.rule(chains.firewall, f"{self._addr} saddr != {{ {', '.join(sources)} }} drop")
-
-    def _admits_node(self, ranges: Sequence[str]) -> bool:
-        networks = [ipaddress.ip_network(cidr, strict=False) for cidr in ranges]
-        return any(ip.version == net.version and ip in net for net in networks for ip in self._node_ips)
 
     def _write_dispatch(
         self,
@@ -361,7 +342,7 @@ class NftRenderer:
         for ip in (*port.external_ips, *port.load_balancer_ips):
             target = chains.external if plan.has_any_endpoints else None
             self._destination(out, f"{ip} . {proto} . {port.port}", target, plan.external_verdict)
-        if uses_firewall(plan):
+        if plan.uses_firewall:
             for ip in port.load_balancer_ips:
                 out.element(FIREWALL_IPS, f"{ip} . {proto} . {port.port}", f"goto {chains.firewall}")
         if port.node_port is not None:
