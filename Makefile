@@ -43,7 +43,9 @@ test: lint
 	$(PY) -m pytest -q -ra
 
 bench: setup
-	$(PY) bench/iptables_sync.py
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy gcc >/dev/null
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 image: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap podman runc >/dev/null
