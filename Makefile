@@ -3,13 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl ruby shellcheck
+APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl ruby shellcheck \
+	python3-bpfcc linux-headers-amd64
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
+STAMP_BCC := $(VENV)/.bcc-done
 
 .PHONY: setup demo test lint unit netns bench image image-test clean
 
-setup: $(STAMP_PIP)
+setup: $(STAMP_PIP) $(STAMP_BCC)
 
 $(STAMP_APT):
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -24,6 +26,20 @@ $(STAMP_PIP): $(STAMP_APT) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
+
+# The eBPF mode compiles with bcc at start-up. bcc is Debian's (built for Debian's python3, pure Python over
+# ctypes): a .pth names a folder that links only bcc, so the rest of dist-packages stays out of the venv.
+# bcc needs kernel headers under /lib/modules/$$(uname -r); when the running kernel ships none (no
+# IKHEADERS, no package for it), Debian's linux-headers-amd64 serves: the eBPF programs use uapi types only.
+$(STAMP_BCC): $(STAMP_PIP)
+	@mkdir -p $(VENV)/bcc-only && ln -sfn /usr/lib/python3/dist-packages/bcc $(VENV)/bcc-only/bcc
+	@echo "$(abspath $(VENV))/bcc-only" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc-only.pth
+	@mods=/lib/modules/$$(uname -r); if [ ! -e $$mods/build ]; then \
+	  hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+	  echo "linking $$hdr as $$mods/build (no headers for the running kernel)"; \
+	  mkdir -p $$mods && ln -sfn $$hdr $$mods/build && ln -sfn $${hdr%-amd64}-common $$mods/source; \
+	fi
+	@$(PY) -c 'import bcc' && touch $@
 
 demo: setup
 	$(VENV)/bin/kproxyd lab demo

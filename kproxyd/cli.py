@@ -19,6 +19,7 @@ from kproxyd.config import (
     parse_cidrs,
     parse_detect_local_mode,
     parse_duration,
+    parse_lb_algorithm,
     parse_log_format,
     parse_masquerade_bit,
     parse_mode,
@@ -32,7 +33,14 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
     "kubeconfig": ("kubeconfig", str, "path to a kubeconfig file with the API server and credentials"),
     "master": ("master", str, "API server URL (overrides the kubeconfig's server)"),
     "hostname-override": ("hostname", lambda v: v.strip().lower(), "this node's name, instead of the hostname"),
-    "proxy-mode": ("mode", parse_mode, "dataplane: iptables (default) or nftables"),
+    "proxy-mode": ("mode", parse_mode, "dataplane: iptables (default), nftables or ebpf"),
+    "cgroup-root": ("cgroup_root", str, "ebpf: cgroup2 dir whose sockets are balanced (default: cgroup2 root)"),
+    "bpf-pin-path": ("bpf_pin_path", str, "ebpf: bpffs directory for pinned maps (default /sys/fs/bpf/kproxyd)"),
+    "ebpf-lb-algorithm": (
+        "ebpf_lb_algorithm",
+        parse_lb_algorithm,
+        "ebpf: random (default) or maglev; a Service's kproxyd.io/lb-algorithm annotation overrides it",
+    ),
     "cluster-cidr": (
         "cluster_cidrs",
         parse_cidrs,

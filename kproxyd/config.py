@@ -16,7 +16,8 @@ from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo
 
 log = structlog.get_logger(__name__)
 
-PROXY_MODES = ("iptables", "nftables")
+PROXY_MODES = ("iptables", "nftables", "ebpf")
+LB_ALGORITHMS = ("random", "maglev")
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 
 
@@ -48,6 +49,9 @@ class ProxyConfig:
     verbosity: int = 0
     log_format: str = "text"
     cleanup: bool = False
+    cgroup_root: str = ""  # ebpf: the cgroup2 directory whose processes' sockets are balanced; "": the root
+    bpf_pin_path: str = "/sys/fs/bpf/kproxyd"  # ebpf: where maps and programs are pinned
+    ebpf_lb_algorithm: str = "random"  # ebpf: backend choice unless a Service's annotation says otherwise
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -103,6 +107,12 @@ def parse_mode(value: str) -> str:
     if mode not in PROXY_MODES:
         raise ConfigError(f"unsupported proxy mode {value!r} (supported: {', '.join(PROXY_MODES)})")
     return mode
+
+
+def parse_lb_algorithm(value: str) -> str:
+    if value not in LB_ALGORITHMS:
+        raise ConfigError(f"invalid load-balancing algorithm {value!r} (one of {', '.join(LB_ALGORITHMS)})")
+    return value
 
 
 def parse_detect_local_mode(value: str) -> DetectLocalMode | None:

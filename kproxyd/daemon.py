@@ -35,6 +35,10 @@ def proxy_families(config: ProxyConfig) -> tuple[int, ...]:
 
 def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
     """The dataplane backend for the configured mode and one IP family."""
+    if config.mode == "ebpf":
+        from kproxyd.backends.ebpf.backend import EbpfBackend
+
+        return EbpfBackend.for_config(config, family)
     if config.mode == "nftables":
         from kproxyd.backends.nftables.backend import NftablesBackend
 
@@ -42,6 +46,10 @@ def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
     from kproxyd.backends.iptables.backend import IptablesBackend
 
     return IptablesBackend.for_config(config, family)
+
+
+# Modes whose rules a mode uses as its own fallback: not "other modes" to remove after its first sync.
+USES_MODES = {"ebpf": ("nftables",)}
 
 
 def cleanup(config: ProxyConfig, modes: Iterable[str] = PROXY_MODES) -> int:
@@ -130,7 +138,8 @@ class Daemon:
             raise failure
         if not self._other_modes_removed:
             # Only now that this mode's rules are in place: the old mode kept traffic flowing meanwhile.
-            cleanup(self.config, [mode for mode in PROXY_MODES if mode != self.config.mode])
+            used = (self.config.mode, *USES_MODES.get(self.config.mode, ()))
+            cleanup(self.config, [mode for mode in PROXY_MODES if mode not in used])
             self._other_modes_removed = True
 
     def start(self) -> None:

@@ -61,6 +61,7 @@ class ServicePort:
     internal_policy_local: bool = False
     health_check_node_port: int | None = None
     prefer_close: bool = False  # trafficDistribution: PreferClose
+    lb_algorithm: str | None = None  # the kproxyd.io/lb-algorithm annotation (ebpf mode), when set
 
     @property
     def protocol(self) -> Protocol:

@@ -156,6 +156,15 @@ def _is_skipped(spec: Mapping[str, Any]) -> bool:
     return spec.get("type") == ServiceType.EXTERNAL_NAME or spec.get("clusterIP") in (None, "", "None")
 
 
+LB_ALGORITHM_ANNOTATION = "kproxyd.io/lb-algorithm"
+
+
+def _lb_algorithm(meta: Mapping[str, Any]) -> str | None:
+    """The Service's load-balancing algorithm annotation (ebpf mode), None when absent."""
+    value = _mapping(meta.get("annotations"), "metadata.annotations").get(LB_ALGORITHM_ANNOTATION)
+    return str(value) if value in ("random", "maglev") else None
+
+
 def convert_service(obj: Mapping[str, Any]) -> ConvertedService:
     """A v1 Service as ServicePorts; headless and ExternalName Services convert to no ports."""
     meta = _mapping(obj.get("metadata"), "metadata")
@@ -179,6 +188,7 @@ def convert_service(obj: Mapping[str, Any]) -> ConvertedService:
         "internal_policy_local": spec.get("internalTrafficPolicy") == "Local",
         "health_check_node_port": _optional_port(spec.get("healthCheckNodePort"), "healthCheckNodePort"),
         "prefer_close": spec.get("trafficDistribution") == "PreferClose",
+        "lb_algorithm": _lb_algorithm(meta),
     }
     if service_type is not ServiceType.LOAD_BALANCER:
         common["load_balancer_ips"] = ()

@@ -138,13 +138,17 @@ class LabCluster:
             f"--hostname-override={node}",
             f"--cluster-cidr={CLUSTER_CIDR}",
             "--iptables-min-sync-period=100ms",
+            f"--cgroup-root={self.net.node_cgroup(node)}",
+            f"--bpf-pin-path={self.net.pin_path(node)}",
             *extra,
         ]
 
     def start_proxy(self, node: str, extra: Iterable[str] = ()) -> subprocess.Popen[Any]:
         """Run kproxyd in a node's namespace, logging to <workdir>/kproxyd-<node>.log."""
         log_file = open(self.workdir / f"kproxyd-{node}.log", "ab")  # noqa: SIM115 - owned by the process
-        proc = self.net.popen(node, self.proxy_argv(node, extra), stdout=log_file, stderr=subprocess.STDOUT)
+        # The host's /sys: the ebpf mode attaches to the node's cgroup and pins in the host's bpffs.
+        argv = self.proxy_argv(node, extra)
+        proc = self.net.popen(node, argv, host_sys=True, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         self.proxies[node] = proc
         return proc
@@ -276,8 +280,7 @@ class LabCluster:
 
     def http_get(self, src: str, ip: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
         """A plain HTTP GET from inside a host's namespace: (status, body)."""
-        sock = socket_in_netns(self.net.host(src).netns, socket.AF_INET, socket.SOCK_STREAM)
-        with sock:
+        with self.net.socket(src, socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect((ip, port))
             sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())

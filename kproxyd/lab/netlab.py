@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from kproxyd.lab import nsutil
+from kproxyd.lab import cgroups, nsutil
 from kproxyd.lab.nsutil import ip_in
 
 log = structlog.get_logger(__name__)
@@ -211,6 +211,7 @@ def _cleanup_stale_lab(path: str) -> None:
             if netns.startswith(prefix + "-"):
                 log.info("removing stale lab namespace", netns=netns)
                 _delete_netns(netns)
+    cgroups.remove_lab_cgroups(prefix)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -226,6 +227,7 @@ class NetLab:
         self._pods: dict[str, LabPod] = {}
         self._pod_procs: dict[str, subprocess.Popen[Any]] = {}
         self._pod_veths: dict[str, str] = {}
+        self._factories: dict[str, cgroups.SocketFactory] = {}
         self._counter = 0
         self._externals = 0
         self._closed = False
@@ -254,10 +256,13 @@ class NetLab:
         if self._closed:
             return
         # Pop as we go, and only mark closed at the end, so an interrupted close can simply be re-run.
+        while self._factories:
+            self._factories.popitem()[1].close()
         while self._procs:
             _stop_process(self._procs.pop())
         while self._namespaces:
             _delete_netns(self._namespaces.pop())
+        cgroups.remove_lab_cgroups(self.prefix)
         if self._state_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._state_file)
@@ -341,6 +346,8 @@ class NetLab:
             pod_cidr6=f"fd00:244:{index}::/64",
         )
         state = _NodeState(node)
+        os.makedirs(self.node_cgroup(name))
+        self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name))
         self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip, node.ip6)
         ip_in(netns, "link", "add", "cbr0", "type", "bridge")
         ip_in(netns, "addr", "add", f"{node.pod_gateway}/24", "dev", "cbr0")
@@ -415,7 +422,7 @@ class NetLab:
     def _start_pod_server(self, pod: LabPod) -> subprocess.Popen[Any]:
         argv = [sys.executable, "-m", "kproxyd.lab.podserver", "--name", pod.name]
         argv += ["--tcp", ",".join(map(str, pod.tcp_ports)), "--udp", ",".join(map(str, pod.udp_ports))]
-        proc = self.popen(pod.name, argv, stdout=subprocess.PIPE)
+        proc = self.popen(pod.name, argv, stdout=subprocess.PIPE, cgroup=self.node_cgroup(pod.node))
         assert proc.stdout is not None
         with proc.stdout:
             ready, _, _ = select.select([proc.stdout], [], [], POD_READY_TIMEOUT)
@@ -466,6 +473,25 @@ class NetLab:
         """The node called name."""
         return self._nodes[name].node
 
+    def node_cgroup(self, name: str) -> str:
+        """The cgroup of a node's processes and pods: the one its kproxyd's socket load balancer serves."""
+        return os.path.join(cgroups.lab_cgroup(self.prefix), name)
+
+    def pin_path(self, name: str) -> str:
+        """The bpffs directory a node's kproxyd pins its maps in."""
+        return cgroups.pin_path(self.prefix, name)
+
+    def socket(self, host: str, family: int, kind: int) -> socket.socket:
+        """A socket in host's namespace; a node's or pod's is created in the node's cgroup (as its process'
+        would be), an external host's or the LAN's directly.
+        """
+        target = self.host(host)
+        node = target.node if isinstance(target, LabPod) else target.name
+        factory = self._factories.get(node)
+        if factory is None:
+            return nsutil.socket_in_netns(target.netns, family, kind)
+        return factory.socket(target.netns, family, kind)
+
     # -- commands and traffic ----------------------------------------------------------------------
 
     def exec(
@@ -480,9 +506,18 @@ class NetLab:
         """Run argv to completion inside host's namespace; CommandError (with stderr) when check and it fails."""
         return nsutil.run_in_netns(self.host(host).netns, argv, check=check, timeout=timeout, input=input)
 
-    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start argv inside host's namespace in its own process group; close() stops it."""
-        proc = subprocess.Popen(nsutil.netns_argv(self.host(host).netns, argv), start_new_session=True, **kwargs)
+    def popen(
+        self, host: str, argv: Sequence[str], cgroup: str | None = None, host_sys: bool = False, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
+        """Start argv inside host's namespace (and cgroup) in its own process group; close() stops it.
+
+        host_sys: keep the host's /sys (cgroup2, bpffs) rather than `ip netns exec`'s sysfs of the namespace.
+        """
+        netns = self.host(host).netns
+        argv = nsutil.nsenter_argv(netns, argv) if host_sys else nsutil.netns_argv(netns, argv)
+        # Moved into the cgroup before `ip netns exec`, which remounts /sys without the cgroup2 mount.
+        argv = cgroups.in_cgroup(cgroup, argv) if cgroup else argv
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -499,7 +534,7 @@ class NetLab:
         kind = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}[proto.upper()]
         family = _family(ip)
         deadline = time.monotonic() + timeout
-        with nsutil.socket_in_netns(self.host(src).netns, family, kind) as sock:
+        with self.socket(src, family, kind) as sock:
             sock.settimeout(timeout)
             if source_port is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -80,6 +80,11 @@ def netns_argv(netns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv]
 
 
+def nsenter_argv(netns: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs argv inside namespace NAME, keeping the host's mounts (its /sys, unlike ip netns)."""
+    return ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
+
+
 def run_in_netns(
     netns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:

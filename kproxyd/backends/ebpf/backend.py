@@ -1,0 +1,125 @@
+"""The eBPF Backend: IPv4 TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
+incrementally), everything else through an nftables fallback that renders only what eBPF does not carry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import structlog
+
+from kproxyd.backends import FrontendCounter, WriteStats
+from kproxyd.backends.ebpf import image as img
+from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
+from kproxyd.backends.nftables.backend import NftablesBackend
+from kproxyd.config import ProxyConfig
+from kproxyd.model import NodeInfo, ServicePortName
+from kproxyd.plan import ServicePlan
+
+log = structlog.get_logger(__name__)
+
+
+def cgroup_of(config: ProxyConfig) -> str:
+    """The cgroup the socket load balancer attaches to: --cgroup-root, else the cgroup2 root (as Cilium)."""
+    return config.cgroup_root or cgroup2_root()
+
+
+class EbpfBackend:
+    """Socket load balancing for IPv4 cluster IPs; the nftables fallback for external frontends (and SCTP)."""
+
+    name = "ebpf"
+
+    def __init__(self, config: ProxyConfig, fallback: NftablesBackend, kernel: SockLbKernel | None = None) -> None:
+        """kernel None: the family has no socket load balancer (IPv6): the fallback does everything."""
+        self._config = config
+        self._fallback = fallback
+        self._kernel = kernel
+        self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
+        self._fallback_names: set[ServicePortName] = set()
+
+    @classmethod
+    def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
+        """IPv4: the socket load balancer on the configured cgroup and pin path; IPv6: nftables only."""
+        kernel = SockLbKernel(cgroup_of(config), config.bpf_pin_path) if family == 4 else None
+        return cls(config, NftablesBackend.for_config(config, family), kernel)
+
+    def apply(
+        self,
+        plans: Mapping[ServicePortName, ServicePlan],
+        changed: set[ServicePortName] | None,
+        node: NodeInfo,
+    ) -> WriteStats:
+        """Maps first (only what changed), then the nftables fallback for the plans it renders."""
+        writes = self._write_maps(plans, changed) if self._kernel is not None else 0
+        fallback = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
+        stats = WriteStats()
+        if changed is None:
+            stats = self._fallback.apply(fallback, None, node)
+        elif fallback_changed := {n for n in changed if n in fallback or n in self._fallback_names}:
+            stats = self._fallback.apply(fallback, fallback_changed, node)
+        self._fallback_names = set(fallback)
+        return WriteStats(bytes=stats.bytes, lines=stats.lines + writes, rules=stats.rules)
+
+    def _write_maps(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None
+    ) -> int:
+        kernel = self._kernel
+        assert kernel is not None
+        algorithm = self._config.ebpf_lb_algorithm
+        started = time.monotonic()
+        try:
+            if self._ports is None:
+                kernel.load()
+                old = kernel.read_image()  # an earlier run's maps: rewrite only what differs
+                ports: dict[ServicePortName, img.Image] = {}
+                names: set[ServicePortName] = set(plans)
+            else:
+                old, ports = {}, dict(self._ports)
+                names = set(plans) | set(ports) if changed is None else changed
+            new: img.Image = {}
+            for name in names:
+                old.update(ports.pop(name, {}))
+                if name in plans:
+                    ports[name] = img.plan_image(plans[name], algorithm)
+                    new.update(ports[name])
+            upserts, deletes = img.diff(old, new)
+            writes = kernel.write(upserts, deletes)
+        except Exception:
+            self._ports = None  # unknown after a failure: reload and reread on the next sync
+            raise
+        self._ports = ports
+        log.debug(
+            "eBPF maps written",
+            full=changed is None,
+            upserts=len(upserts),
+            deletes=len(deletes),
+            writes=writes,
+            ms=round((time.monotonic() - started) * 1000, 2),
+        )
+        return writes
+
+    def frontends(self) -> dict[img.FrontendKey, ServicePortName]:
+        """The ServicePort of each frontend in the maps."""
+        return {key: name for name, image in (self._ports or {}).items() for key in image}
+
+    def connection_counters(self) -> list[FrontendCounter]:
+        """Translated connections per cluster-IP frontend from the counters map, plus the fallback's."""
+        counters = self._fallback.connection_counters()
+        owners = self.frontends()
+        if self._kernel is not None and owners:
+            for key, count in self._kernel.counters():
+                if key in owners:
+                    counters.append(FrontendCounter(str(owners[key]), str(key).upper(), count))
+        return counters
+
+    def drifted(self) -> bool:
+        """True when the pinned maps were removed behind our back, or the fallback's table was."""
+        pins_gone = self._kernel is not None and self._ports is not None and not self._kernel.pinned()
+        return pins_gone or self._fallback.drifted()
+
+    def cleanup(self) -> None:
+        """Detach and unpin the socket load balancer (only what is pinned in our pin path); the fallback's
+        table is the nftables mode's and goes with its cleanup.
+        """
+        detach_and_unpin(cgroup_of(self._config), self._config.bpf_pin_path)

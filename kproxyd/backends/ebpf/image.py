@@ -1,0 +1,115 @@
+"""Plans → what the eBPF maps must hold (pure): one entry per Service frontend, with its backend slots.
+
+The socket load balancer carries IPv4 TCP and UDP cluster IPs. Node ports, external and load-balancer
+IPs arriving from the network (and SCTP, and IPv6) are left to the nftables fallback: fallback_plans
+says which plans, stripped of the cluster IPs the socket load balancer already serves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from kproxyd.backends.ebpf.maglev import maglev_table
+from kproxyd.model import Protocol, ServicePortName
+from kproxyd.plan import ServicePlan
+
+F_NO_ENDPOINTS = 1  # must match bpf/sock_lb.c
+F_MAGLEV = 2
+SOCKET_PROTOCOLS = (Protocol.TCP, Protocol.UDP)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FrontendKey:
+    """A Service address as a socket names it."""
+
+    ip: str
+    port: int
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendEntry:
+    """What connect() to one frontend does: the backend slots it picks from, flags, affinity timeout."""
+
+    slots: tuple[tuple[str, int], ...]  # (ip, port) per slot; Maglev tables repeat backends
+    flags: int = 0
+    affinity: int = 0  # seconds; 0: no session affinity
+
+
+Image = dict[FrontendKey, FrontendEntry]
+
+
+def _ipv4(ip: str) -> bool:
+    return ipaddress.ip_address(ip).version == 4
+
+
+def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
+    """The entry for plan's cluster IPs: its internal endpoints, or a failing entry when it has none."""
+    backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints if _ipv4(ep.ip))
+    affinity = plan.port.session_affinity_timeout or 0
+    if not backends:
+        return FrontendEntry((), F_NO_ENDPOINTS, affinity)
+    if (plan.port.lb_algorithm or algorithm) == "maglev" and not affinity:
+        names = [f"{ip}:{port}" for ip, port in backends]
+        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV)
+    return FrontendEntry(backends, 0, affinity)
+
+
+def plan_image(plan: ServicePlan, algorithm: str) -> Image:
+    """The frontends one plan puts in the maps (none for SCTP or IPv6)."""
+    if plan.port.protocol not in SOCKET_PROTOCOLS:
+        return {}
+    cluster_ips = [ip for ip in plan.port.cluster_ips if _ipv4(ip)]
+    if not cluster_ips:
+        return {}
+    entry = frontend_entry(plan, algorithm)
+    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in cluster_ips}
+
+
+def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str) -> Image:
+    """Everything the maps must hold for these plans."""
+    return {key: entry for plan in plans.values() for key, entry in plan_image(plan, algorithm).items()}
+
+
+def fallback_plan(plan: ServicePlan) -> ServicePlan | None:
+    """What nftables must still do for plan: its external frontends (cluster IPs stripped), or everything for
+    protocols the socket load balancer does not carry; None when the socket load balancer does it all.
+    """
+    if plan.port.protocol not in SOCKET_PROTOCOLS:
+        return plan
+    if not plan.port.externally_accessible:
+        return None
+    return replace(plan, port=replace(plan.port, cluster_ips=()))
+
+
+def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[ServicePortName, ServicePlan]:
+    """The plans the nftables fallback renders."""
+    out = {}
+    for name, plan in plans.items():
+        fallback = fallback_plan(plan)
+        if fallback is not None:
+            out[name] = fallback
+    return out
+
+
+def dataplane(plan: ServicePlan) -> str:
+    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs)."""
+    if plan.port.protocol not in SOCKET_PROTOCOLS:
+        return "nftables"
+    parts = ["ebpf(cluster-ip v4)"]
+    if any(not _ipv4(ip) for ip in plan.port.cluster_ips):
+        parts.append("nftables(cluster-ip v6)")
+    if plan.port.externally_accessible:
+        parts.append("nftables(external)")
+    return "+".join(parts)
+
+
+def diff(old: Image, new: Image) -> tuple[Image, list[FrontendKey]]:
+    """The entries to write (new or changed) and the frontends to delete."""
+    upserts = {key: entry for key, entry in new.items() if old.get(key) != entry}
+    return upserts, sorted(old.keys() - new.keys())

@@ -1,0 +1,208 @@
+"""The kernel-facing layer of the eBPF backend: compile bpf/sock_lb.c with bcc, attach it to a cgroup, pin
+programs and maps under a bpffs directory, and read and write the pinned maps.
+
+Programs are attached without BPF_F_ALLOW_MULTI, so attaching a newly loaded program atomically replaces
+the one an earlier run left (the kernel swaps them): together with the pinned maps, a restart never leaves
+a connect() untranslated. Only programs pinned in our own directory are ever detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey, Image
+from kproxyd.model import Protocol
+
+log = structlog.get_logger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "sock_lb.c"
+CGROUP_SOCK_ADDR = 18  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+# program name → BPF attach type (include/uapi/linux/bpf.h)
+HOOKS = {"connect4": 10, "sendmsg4": 14, "recvmsg4": 19, "getpeername4": 29}
+MAPS = ("frontends", "slots", "counters", "affinity", "reverse")
+BPFFS_MAGIC = 0xCAFE4A11
+_PROTOCOLS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
+_BY_NUMBER = {number: proto for proto, number in _PROTOCOLS.items()}
+
+
+def cgroup2_root() -> str:
+    """Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if parts[2] == "cgroup2":
+                return parts[1]
+    raise RuntimeError("no cgroup2 file system is mounted")
+
+
+def _is_bpffs(path: str) -> bool:
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    buf = StatFs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.statfs(path.encode(), ctypes.byref(buf)) == 0 and buf.f_type == BPFFS_MAGIC)
+
+
+def ensure_bpffs(pin_path: str) -> None:
+    """Mount bpffs at the pin path's parent when nothing is mounted there (as systemd does at boot)."""
+    parent = os.path.dirname(pin_path.rstrip("/")) or "/"
+    if not _is_bpffs(parent):
+        log.info("mounting bpffs", path=parent)
+        os.makedirs(parent, exist_ok=True)
+        if os.system(f"mount -t bpf bpf {parent}") != 0 or not _is_bpffs(parent):
+            raise RuntimeError(f"{parent} is not a bpffs mount and mounting one failed")
+    os.makedirs(pin_path, exist_ok=True)
+
+
+def _ip(ip: str) -> int:
+    return int(struct.unpack("<I", socket.inet_aton(ip))[0])
+
+
+def _ip_text(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("<I", value))
+
+
+class SockLbKernel:
+    """The socket load balancer's programs and pinned maps for one cgroup and one pin directory."""
+
+    def __init__(self, cgroup: str, pin_path: str) -> None:
+        self.cgroup = cgroup
+        self.pin_path = pin_path
+        self._bpf: Any = None
+        self._next_rev = 1
+
+    def load(self) -> None:
+        """Compile and load the programs (creating or reusing the pinned maps), attach them, pin them."""
+        from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
+
+        ensure_bpffs(self.pin_path)
+        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
+        self._bpf = BPF(text=text)
+        cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, attach_type in HOOKS.items():
+                fn = self._bpf.load_func(name, CGROUP_SOCK_ADDR, attach_type=attach_type)
+                BPF.attach_func(fn, cgroup_fd, attach_type)  # replaces an earlier run's program in place
+                self._pin(fn.fd, name)
+        finally:
+            os.close(cgroup_fd)
+        log.info("eBPF socket load balancer attached", cgroup=self.cgroup, pin_path=self.pin_path)
+
+    def _pin(self, fd: int, name: str) -> None:
+        from bcc.libbcc import lib
+
+        path = os.path.join(self.pin_path, f"prog_{name}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        if lib.bpf_obj_pin(fd, path.encode()) != 0:
+            raise OSError(ctypes.get_errno(), f"pinning {path} failed")
+
+    def _table(self, name: str) -> Any:
+        return self._bpf.get_table(name)
+
+    def _key(self, key: FrontendKey) -> Any:
+        table = self._table("frontends")
+        return table.Key(_ip(key.ip), socket.htons(key.port), _PROTOCOLS[key.protocol], 0)
+
+    def read_image(self) -> Image:
+        """What the pinned maps hold (an earlier run's state after a restart); drops unreferenced slots."""
+        frontends, slots = self._table("frontends"), self._table("slots")
+        image: Image = {}
+        used: set[tuple[int, int]] = set()
+        for k, v in frontends.items():
+            key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
+            backends = []
+            for i in range(v.count):
+                be = slots.get(slots.Key(v.rev, i))
+                backends.append((_ip_text(be.addr), socket.ntohs(be.port)) if be is not None else ("0.0.0.0", 0))
+                used.add((v.rev, i))
+            image[key] = FrontendEntry(tuple(backends), v.flags, v.affinity)
+            self._next_rev = max(self._next_rev, v.rev + 1)
+        for k in [k for k in slots if (k.rev, k.slot) not in used]:
+            del slots[k]
+        return image
+
+    def write(self, upserts: Image, deletes: list[FrontendKey]) -> int:
+        """Write changed frontends (their new slots first, then the entry that points at them), delete
+        removed ones; returns the number of map writes.
+        """
+        frontends, slots, counters = self._table("frontends"), self._table("slots"), self._table("counters")
+        writes = 0
+        for key, entry in upserts.items():
+            rev, self._next_rev = self._next_rev, self._next_rev + 1
+            for i, (ip, port) in enumerate(entry.slots):
+                slots[slots.Key(rev, i)] = slots.Leaf(_ip(ip), socket.htons(port), 0)
+            fkey = self._key(key)
+            previous = frontends.get(fkey)
+            frontends[fkey] = frontends.Leaf(rev, len(entry.slots), entry.flags, entry.affinity)
+            writes += len(entry.slots) + 1
+            if previous is not None:
+                writes += self._delete_slots(slots, previous.rev, previous.count)
+        for key in deletes:
+            fkey = self._key(key)
+            previous = frontends.get(fkey)
+            with contextlib.suppress(KeyError):
+                del frontends[fkey]
+            with contextlib.suppress(KeyError):
+                del counters[fkey]
+            if previous is not None:
+                writes += 1 + self._delete_slots(slots, previous.rev, previous.count)
+        return writes
+
+    @staticmethod
+    def _delete_slots(slots: Any, rev: int, count: int) -> int:
+        for i in range(count):
+            with contextlib.suppress(KeyError):
+                del slots[slots.Key(rev, i)]
+        return count
+
+    def counters(self) -> Iterator[tuple[FrontendKey, int]]:
+        """Connections plus unconnected datagrams translated per frontend."""
+        for k, v in self._table("counters").items():
+            key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
+            yield key, v.connections + v.packets
+
+    def pinned(self) -> bool:
+        """True while the pinned frontend map is still there."""
+        return os.path.exists(os.path.join(self.pin_path, "frontends"))
+
+
+def detach_and_unpin(cgroup: str, pin_path: str) -> list[str]:
+    """Detach the programs pinned under pin_path from cgroup and remove the pin directory; no compile.
+
+    Cheap and safe when nothing is there: touches only what is pinned in pin_path.
+    """
+    if not os.path.isdir(pin_path):
+        return []
+    from bcc.libbcc import lib
+
+    detached = []
+    fd_cgroup = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY) if os.path.isdir(cgroup) else -1
+    try:
+        for name, attach_type in HOOKS.items():
+            path = os.path.join(pin_path, f"prog_{name}")
+            if not os.path.exists(path) or fd_cgroup < 0:
+                continue
+            fd = lib.bpf_obj_get(path.encode())
+            if fd < 0:
+                continue
+            if lib.bpf_prog_detach2(fd, fd_cgroup, attach_type) == 0:
+                detached.append(name)
+            os.close(fd)
+    finally:
+        if fd_cgroup >= 0:
+            os.close(fd_cgroup)
+    shutil.rmtree(pin_path, ignore_errors=True)
+    log.info("eBPF programs detached and unpinned", cgroup=cgroup, pin_path=pin_path, detached=detached)
+    return detached
