@@ -11,7 +11,7 @@ import pytest
 from kproxyd.lab.cluster import LabCluster
 from tests.scratch_netns import scratch_netns
 
-PROXY_MODES = ["iptables", "nftables"]
+PROXY_MODES = ["iptables", "nftables", "ebpf"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from tests.netns.expect import refused_error
 
 BACKEND_PORTS = [
     {"name": "http", "containerPort": 8080, "protocol": "TCP"},
@@ -136,9 +137,8 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
     ip = _ip(cluster, flow.service, flow.via)
     results = cluster.answers(flow.src, ip, flow.port, flow.proto, count=40, timeout=1.0)
     if flow.expect == "refused":
-        assert all(isinstance(r, ConnectionRefusedError) for r in results), [
-            r for r in results if not isinstance(r, ConnectionRefusedError)
-        ][:3]
+        error = refused_error(cluster.mode, flow.via == "cluster-ip")  # type: ignore[attr-defined]
+        assert all(isinstance(r, error) for r in results), [r for r in results if not isinstance(r, error)][:3]
         return
     replies = [r for r in results if isinstance(r, Reply)]
     assert len(replies) == len(results), [r for r in results if not isinstance(r, Reply)][:3]
