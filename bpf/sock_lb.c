@@ -105,8 +105,11 @@ static __always_inline struct backend *affine(struct bpf_sock_addr *ctx, struct 
 static __always_inline int translate(struct bpf_sock_addr *ctx, u8 proto, int connected) {
     struct frontend_key fk = {.addr = ctx->user_ip4, .port = (u16)ctx->user_port, .proto = proto};
     struct frontend *fe = frontends.lookup(&fk);
-    if (!fe)
-        return 0;
+    if (!fe) {
+        // A cluster IP on a port or protocol it does not serve: fail at once, as kube-proxy REJECTs it.
+        struct frontend_key address = {.addr = fk.addr};
+        return frontends.lookup(&address) ? -1 : 0;
+    }
     if ((fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
         return -1;
     struct affinity_key ak;

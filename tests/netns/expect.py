@@ -12,3 +12,10 @@ def refused_error(mode: str, cluster_ip: bool) -> type[OSError]:
     external frontends go through the nftables fallback and are REJECTed as in nftables mode.
     """
     return PermissionError if mode == "ebpf" and cluster_ip else ConnectionRefusedError
+
+
+def dropped_error(mode: str, cluster_ip: bool) -> type[OSError]:
+    """The error a dropped connection raises: a timeout, but EPERM at once where ebpf fails the connect()
+    (a Local traffic policy with no endpoint on this node: no packet leaves, so there is nothing to drop).
+    """
+    return PermissionError if mode == "ebpf" and cluster_ip else TimeoutError

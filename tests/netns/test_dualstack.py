@@ -105,7 +105,7 @@ def test_ipv6_without_endpoints_is_refused(cluster: LabCluster) -> None:
 
 
 def test_ipv6_rules_read_like_kube_proxy(cluster: LabCluster) -> None:
-    if cluster.mode == "nftables":  # type: ignore[attr-defined]
+    if cluster.mode in ("nftables", "ebpf"):  # type: ignore[attr-defined]  # ebpf: IPv6 is nftables
         rules = cluster.net.exec("node1", ["nft", "list", "table", "ip6", "kube-proxy"]).stdout
         assert "service-" in rules and "default/dual/tcp/http" in rules and "dnat to [fd00:244:" in rules
         return

@@ -5,6 +5,7 @@ incrementally), everything else through an nftables fallback that renders only w
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import structlog
@@ -37,6 +38,7 @@ class EbpfBackend:
         self._kernel = kernel
         self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
         self._fallback_names: set[ServicePortName] = set()
+        self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
@@ -78,17 +80,22 @@ class EbpfBackend:
                 old, ports = {}, dict(self._ports)
                 names = set(plans) | set(ports) if changed is None else changed
             new: img.Image = {}
+            addresses = Counter(self._addresses) if self._ports is not None else Counter()
             for name in names:
-                old.update(ports.pop(name, {}))
+                removed = ports.pop(name, {})
+                old.update(removed)
+                addresses.subtract(key.ip for key in removed)
                 if name in plans:
                     ports[name] = img.plan_image(plans[name], algorithm)
                     new.update(ports[name])
+                    addresses.update(key.ip for key in ports[name])
+            self._mark_addresses(old, new, addresses)
             upserts, deletes = img.diff(old, new)
             writes = kernel.write(upserts, deletes)
         except Exception:
             self._ports = None  # unknown after a failure: reload and reread on the next sync
             raise
-        self._ports = ports
+        self._ports, self._addresses = ports, +addresses
         log.debug(
             "eBPF maps written",
             full=changed is None,
@@ -98,6 +105,15 @@ class EbpfBackend:
             ms=round((time.monotonic() - started) * 1000, 2),
         )
         return writes
+
+    def _mark_addresses(self, old: img.Image, new: img.Image, addresses: Counter[str]) -> None:
+        """Add to old and new the address entries of the cluster IPs that appear or disappear."""
+        touched = {key.ip for key in old.keys() | new.keys() if key.port}
+        for ip in touched:
+            if addresses[ip] > 0:
+                new[img.address_key(ip)] = img.ADDRESS_ENTRY
+            if self._addresses.get(ip, 0) > 0 and self._ports is not None:
+                old[img.address_key(ip)] = img.ADDRESS_ENTRY
 
     def frontends(self) -> dict[img.FrontendKey, ServicePortName]:
         """The ServicePort of each frontend in the maps."""

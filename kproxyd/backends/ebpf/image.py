@@ -48,6 +48,14 @@ def _ipv4(ip: str) -> bool:
     return ipaddress.ip_address(ip).version == 4
 
 
+ADDRESS_ENTRY = FrontendEntry((), F_NO_ENDPOINTS)
+
+
+def address_key(ip: str) -> FrontendKey:
+    """The entry marking ip as a cluster IP: connect() to a port it does not serve fails (REJECT in kube-proxy)."""
+    return FrontendKey(ip, 0, Protocol.TCP)
+
+
 def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
     """The entry for plan's cluster IPs: its internal endpoints, or a failing entry when it has none."""
     backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints if _ipv4(ep.ip))
@@ -72,8 +80,10 @@ def plan_image(plan: ServicePlan, algorithm: str) -> Image:
 
 
 def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str) -> Image:
-    """Everything the maps must hold for these plans."""
-    return {key: entry for plan in plans.values() for key, entry in plan_image(plan, algorithm).items()}
+    """Everything the maps must hold for these plans, with their cluster IPs' address entries."""
+    out = {key: entry for plan in plans.values() for key, entry in plan_image(plan, algorithm).items()}
+    out.update({address_key(key.ip): ADDRESS_ENTRY for key in list(out)})
+    return out
 
 
 def fallback_plan(plan: ServicePlan) -> ServicePlan | None:

@@ -32,7 +32,7 @@ HOOKS = {"connect4": 10, "sendmsg4": 14, "recvmsg4": 19, "getpeername4": 29}
 MAPS = ("frontends", "slots", "counters", "affinity", "reverse")
 BPFFS_MAGIC = 0xCAFE4A11
 _PROTOCOLS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
-_BY_NUMBER = {number: proto for proto, number in _PROTOCOLS.items()}
+_BY_NUMBER = {0: Protocol.TCP} | {number: proto for proto, number in _PROTOCOLS.items()}
 
 
 def cgroup2_root() -> str:
@@ -113,7 +113,8 @@ class SockLbKernel:
 
     def _key(self, key: FrontendKey) -> Any:
         table = self._table("frontends")
-        return table.Key(_ip(key.ip), socket.htons(key.port), _PROTOCOLS[key.protocol], 0)
+        proto = _PROTOCOLS[key.protocol] if key.port else 0  # port 0: the cluster IP's address entry
+        return table.Key(_ip(key.ip), socket.htons(key.port), proto, 0)
 
     def read_image(self) -> Image:
         """What the pinned maps hold (an earlier run's state after a restart); drops unreferenced slots."""
