@@ -84,6 +84,11 @@ class ProxyMetrics:
                 "Cumulative proxy nftables sync failures",
                 registry=reg,
             ),
+            "ebpf": Counter(
+                "kubeproxy_sync_proxy_rules_ebpf_sync_failures",
+                "Cumulative proxy eBPF map and fallback sync failures",
+                registry=reg,
+            ),
         }
         self.iptables_rules = Gauge(
             "kubeproxy_sync_proxy_rules_iptables_total",

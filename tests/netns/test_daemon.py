@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -10,10 +11,17 @@ from typing import Any
 
 import pytest
 
+from kproxyd.backends.ebpf.kernel import detach_and_unpin
+from kproxyd.lab import nsutil
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from tests.netns.expect import refused_error
 
-FAILURES = {"iptables": "iptables_restore_failures", "nftables": "nftables_sync_failures"}
+FAILURES = {
+    "iptables": "iptables_restore_failures",
+    "nftables": "nftables_sync_failures",
+    "ebpf": "ebpf_sync_failures",
+}
 
 
 def svc(name: str, app: str, **spec: Any) -> dict[str, Any]:
@@ -36,7 +44,7 @@ def refused(lab: LabCluster, ip: str, src: str = "client") -> bool:
     """A connection to ip:80 is refused at once."""
     try:
         lab.request(src, ip, 80, timeout=0.5)
-    except ConnectionRefusedError:
+    except refused_error(lab.mode, cluster_ip=True):  # type: ignore[attr-defined]
         return True
     except OSError:
         return False
@@ -192,10 +200,12 @@ def test_sigterm_leaves_rules_and_cleanup_removes_them(cluster: LabCluster) -> N
     wait_until(lambda: healthz(cluster) == 200, timeout=30, what="healthz after restart")
     assert reaches(cluster, web, {"web-0", "web-1"})
     cluster.stop_proxy("node1")
-    cleanup = cluster.net.exec("node1", [*cluster.proxy_argv("node1"), "--cleanup"], check=False)
+    node = cluster.net.node("node1").netns  # with the host's /sys, as the daemon runs (cgroup2, bpffs)
+    cleanup = nsutil.run(nsutil.nsenter_argv(node, [*cluster.proxy_argv("node1"), "--cleanup"]), check=False)
     assert cleanup.returncode == 0, cleanup.stderr
     rules = cluster.ruleset("node1")
     assert "KUBE-" not in rules and "kube-proxy" not in rules
+    assert not os.path.exists(cluster.net.pin_path("node1"))
     with pytest.raises(OSError):
         cluster.request("client", web, 80, timeout=0.5)
 
@@ -211,6 +221,8 @@ def test_external_flush_is_repaired(cluster: LabCluster) -> None:
         for table in ("nat", "filter", "mangle"):
             cluster.net.exec("node1", ["iptables", "-t", table, "-F"])
             cluster.net.exec("node1", ["iptables", "-t", table, "-X"])
+    elif mode == "ebpf":  # the programs detached and unpinned, as a stray `kproxyd --cleanup` would
+        detach_and_unpin(cluster.net.node_cgroup("node1"), cluster.net.pin_path("node1"))
     else:
         cluster.net.exec("node1", ["nft", "delete", "table", "ip", "kube-proxy"])
     assert not reaches(cluster, web, {"web-0", "web-1"})

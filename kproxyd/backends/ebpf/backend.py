@@ -130,9 +130,16 @@ class EbpfBackend:
         return counters
 
     def drifted(self) -> bool:
-        """True when the pinned maps were removed behind our back, or the fallback's table was."""
-        pins_gone = self._kernel is not None and self._ports is not None and not self._kernel.pinned()
-        return pins_gone or self._fallback.drifted()
+        """True when our programs were detached or unpinned behind our back (then reload), or the fallback's
+        table was removed.
+        """
+        if self._kernel is not None and self._ports is not None and not self._kernel.attached():
+            log.warning(
+                "eBPF programs detached or unpinned behind our back: reloading", pin=self._config.bpf_pin_path
+            )
+            self._ports = None
+            return True
+        return self._fallback.drifted()
 
     def cleanup(self) -> None:
         """Detach and unpin the socket load balancer (only what is pinned in our pin path); the fallback's

@@ -174,9 +174,21 @@ class SockLbKernel:
             key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
             yield key, v.connections + v.packets
 
-    def pinned(self) -> bool:
-        """True while the pinned frontend map is still there."""
-        return os.path.exists(os.path.join(self.pin_path, "frontends"))
+    def attached(self) -> bool:
+        """True while the maps are pinned and a connect4 program is attached to the cgroup."""
+        from bcc.libbcc import lib
+
+        if not os.path.exists(os.path.join(self.pin_path, "frontends")):
+            return False
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            count = ctypes.c_uint32(1)
+            ids = (ctypes.c_uint32 * 1)()
+            flags = ctypes.c_uint32(0)
+            res = lib.bpf_prog_query(fd, HOOKS["connect4"], 0, ctypes.byref(flags), ids, ctypes.byref(count))
+            return bool(res == 0 and count.value > 0)
+        finally:
+            os.close(fd)
 
 
 def detach_and_unpin(cgroup: str, pin_path: str) -> list[str]:
