@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from kproxyd.backends import FrontendCounter, WriteStats
+from kproxyd.backends import Backend, FrontendCounter, WriteStats
 from kproxyd.backends.ebpf import image as img
 from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
 from kproxyd.backends.nftables.backend import NftablesBackend
@@ -31,7 +31,7 @@ class EbpfBackend:
 
     name = "ebpf"
 
-    def __init__(self, config: ProxyConfig, fallback: NftablesBackend, kernel: SockLbKernel | None = None) -> None:
+    def __init__(self, config: ProxyConfig, fallback: Backend, kernel: SockLbKernel | None = None) -> None:
         """kernel None: the family has no socket load balancer (IPv6): the fallback does everything."""
         self._config = config
         self._fallback = fallback

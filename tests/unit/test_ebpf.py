@@ -1,0 +1,194 @@
+"""The eBPF backend's pure parts: Maglev tables, plans → map image, fallback plans, incremental map writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from kproxyd.backends import FrontendCounter, WriteStats
+from kproxyd.backends.ebpf import image as img
+from kproxyd.backends.ebpf.backend import EbpfBackend
+from kproxyd.backends.ebpf.kernel import SockLbKernel
+from kproxyd.backends.ebpf.maglev import TABLE_SIZE, maglev_table
+from kproxyd.config import ProxyConfig
+from kproxyd.model import NodeInfo, Protocol, ServicePortName
+from kproxyd.plan import ServicePlan
+from tests.model_factories import NODE, eps, plans, spn, svc
+
+
+def test_maglev_spreads_evenly() -> None:
+    table = maglev_table([f"10.0.0.{i}:80" for i in range(10)])
+    assert len(table) == TABLE_SIZE
+    shares = [table.count(i) for i in range(10)]
+    assert max(shares) - min(shares) <= 2  # Maglev's near-perfect balance
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 20])
+def test_maglev_removing_one_backend_moves_about_one_nth(n: int) -> None:
+    names = [f"10.0.0.{i}:8080" for i in range(n)]
+    before = [names[i] for i in maglev_table(names)]
+    kept = names[:2] + names[3:]
+    after = [kept[i] for i in maglev_table(kept)]
+    moved = sum(a != b for a, b in zip(before, after, strict=True))
+    lost = before.count(names[2])  # the removed backend's slots must move
+    assert moved >= lost
+    assert moved - lost <= TABLE_SIZE * 0.05  # the others barely move (the paper's "minimal disruption")
+    assert moved / TABLE_SIZE == pytest.approx(1 / n, abs=0.05)
+
+
+def test_maglev_table_does_not_depend_on_order() -> None:
+    names = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    assert [names[i] for i in maglev_table(names)] == [
+        list(reversed(names))[i] for i in maglev_table(list(reversed(names)))
+    ]
+
+
+def test_image_of_a_cluster_ip() -> None:
+    port = svc(spn(), "10.96.0.10")
+    image = img.image(plans((port, eps("10.0.1.2", "10.0.2.3", port=8080))), "random")
+    key = img.FrontendKey("10.96.0.10", 80, Protocol.TCP)
+    assert image[key] == img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)))
+    assert image[img.address_key("10.96.0.10")] == img.ADDRESS_ENTRY
+    assert len(image) == 2
+
+
+def test_no_endpoints_and_affinity_and_maglev() -> None:
+    empty = svc(spn(name="empty"), "10.96.0.11")
+    sticky = svc(spn(name="sticky"), "10.96.0.12", session_affinity_timeout=600)
+    hashed = svc(spn(name="hashed"), "10.96.0.13", lb_algorithm="maglev")
+    image = img.image(
+        plans((empty, []), (sticky, eps("10.0.1.2")), (hashed, eps("10.0.1.2", "10.0.1.3"))), "random"
+    )
+    assert image[img.FrontendKey("10.96.0.11", 80, Protocol.TCP)].flags == img.F_NO_ENDPOINTS
+    assert image[img.FrontendKey("10.96.0.12", 80, Protocol.TCP)] == img.FrontendEntry((("10.0.1.2", 80),), 0, 600)
+    maglev = image[img.FrontendKey("10.96.0.13", 80, Protocol.TCP)]
+    assert maglev.flags == img.F_MAGLEV and len(maglev.slots) == TABLE_SIZE
+    assert set(maglev.slots) == {("10.0.1.2", 80), ("10.0.1.3", 80)}
+
+
+def test_internal_traffic_policy_local_without_local_endpoints_fails() -> None:
+    port = svc(spn(), "10.96.0.10", internal_policy_local=True)
+    image = img.image(plans((port, eps("10.0.2.3", node="node2"))), "random")
+    assert image[img.FrontendKey("10.96.0.10", 80, Protocol.TCP)].flags == img.F_NO_ENDPOINTS
+
+
+def test_sctp_and_ipv6_stay_with_nftables() -> None:
+    sctp = svc(spn(name="sctp", proto=Protocol.SCTP), "10.96.0.10")
+    six = svc(spn(name="six"), "fd00:96::10")
+    both = plans((sctp, eps("10.0.1.2")), (six, eps("fd00:244::2")))
+    assert img.image(both, "random") == {}
+    assert set(img.fallback_plans(both)) == {sctp.name}  # IPv6 has its own (nftables-only) backend
+    assert img.dataplane(both[sctp.name]) == "nftables"
+
+
+def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
+    cluster_only = svc(spn(name="a"), "10.96.0.10")
+    node_port = svc(spn(name="b"), "10.96.0.11", node_port=30080)
+    fallback = img.fallback_plans(plans((cluster_only, eps("10.0.1.2")), (node_port, eps("10.0.1.2"))))
+    assert list(fallback) == [node_port.name]
+    assert fallback[node_port.name].port.cluster_ips == ()
+    assert fallback[node_port.name].port.node_port == 30080
+    assert (
+        img.dataplane(plans((node_port, eps("10.0.1.2")))[node_port.name])
+        == "ebpf(cluster-ip v4)+nftables(external)"
+    )
+
+
+@dataclass
+class FakeKernel(SockLbKernel):
+    """The maps as a dict; records every write."""
+
+    maps: img.Image = field(default_factory=dict)
+    writes: list[tuple[img.Image, list[img.FrontendKey]]] = field(default_factory=list)
+    loads: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__("/sys/fs/cgroup/test", "/sys/fs/bpf/test")
+
+    def load(self) -> None:
+        self.loads += 1
+
+    def read_image(self) -> img.Image:
+        return dict(self.maps)
+
+    def write(self, upserts: img.Image, deletes: list[img.FrontendKey]) -> int:
+        self.writes.append((upserts, deletes))
+        self.maps.update(upserts)
+        for key in deletes:
+            del self.maps[key]
+        return len(upserts) + len(deletes)
+
+    def counters(self) -> Iterator[tuple[img.FrontendKey, int]]:
+        yield img.FrontendKey("10.96.0.10", 80, Protocol.TCP), 7
+
+    def attached(self) -> bool:
+        return True
+
+
+class FakeFallback:
+    """Records what the nftables fallback was asked to render."""
+
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[set[ServicePortName], set[ServicePortName] | None]] = []
+
+    def apply(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
+    ) -> WriteStats:
+        self.calls.append((set(plans), changed))
+        return WriteStats()
+
+    def connection_counters(self) -> list[FrontendCounter]:
+        return []
+
+    def drifted(self) -> bool:
+        return False
+
+    def cleanup(self) -> None:
+        pass
+
+
+def _backend(kernel: FakeKernel) -> tuple[EbpfBackend, FakeFallback]:
+    fallback = FakeFallback()
+    return EbpfBackend(ProxyConfig(mode="ebpf"), fallback, kernel), fallback
+
+
+def test_restart_rewrites_only_what_differs() -> None:
+    a, b = svc(spn(name="a"), "10.96.0.10"), svc(spn(name="b"), "10.96.0.11")
+    state = plans((a, eps("10.0.1.2")), (b, eps("10.0.1.3")))
+    kernel = FakeKernel(maps=img.image(plans((a, eps("10.0.1.2")), (b, eps("10.0.1.9"))), "random"))
+    backend, _ = _backend(kernel)  # a new daemon finding an earlier run's maps
+    backend.apply(state, None, NODE)
+    assert kernel.loads == 1
+    assert kernel.writes == [
+        ({img.FrontendKey("10.96.0.11", 80, Protocol.TCP): img.FrontendEntry((("10.0.1.3", 80),))}, [])
+    ]
+
+
+def test_partial_sync_writes_only_the_changed_port_and_shared_addresses_stay() -> None:
+    http = svc(spn(name="web", port="http"), "10.96.0.10")
+    dns = replace(svc(spn(name="web", port="dns", proto=Protocol.UDP), "10.96.0.10"), port=53)
+    kernel = FakeKernel()
+    backend, fallback = _backend(kernel)
+    state = plans((http, eps("10.0.1.2")), (dns, eps("10.0.1.2")))
+    backend.apply(state, None, NODE)
+    assert kernel.maps == img.image(state, "random")
+    del state[dns.name]
+    backend.apply(state, {dns.name}, NODE)
+    upserts, deletes = kernel.writes[-1]
+    assert upserts == {} and deletes == [img.FrontendKey("10.96.0.10", 53, Protocol.UDP)]  # address kept
+    del state[http.name]
+    backend.apply(state, {http.name}, NODE)
+    assert kernel.maps == {}
+    assert fallback.calls == [(set(), None)]  # nothing external: the fallback is never asked again
+    assert backend.connection_counters() == []
+
+
+def test_counters_name_their_service_port() -> None:
+    port = svc(spn(), "10.96.0.10")
+    backend, _ = _backend(FakeKernel())
+    backend.apply(plans((port, eps("10.0.1.2"))), None, NODE)
+    assert backend.connection_counters() == [FrontendCounter("ns1/svc1:p80", "10.96.0.10:80/TCP", 7)]
