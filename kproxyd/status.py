@@ -11,12 +11,13 @@ import argparse
 import json
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import kubernetes
 import structlog
 
+from kproxyd.backends.ebpf.image import dataplane
 from kproxyd.k8s.client import build_api_client
 from kproxyd.logs import configure_logging
 from kproxyd.model import Endpoint, ServicePort
@@ -52,6 +53,7 @@ class ServiceRow:
     external_policy: str
     internal_policy: str
     diagnosis: str | None  # set when the Service has no endpoint kproxyd can use
+    dataplane: str | None = None  # ebpf mode: what runs in eBPF and what falls back to nftables
 
 
 def _items(response: Any) -> list[Obj]:
@@ -76,7 +78,7 @@ def read_api(api: kubernetes.client.ApiClient, node_name: str) -> ApiSnapshot:
     )
 
 
-def service_rows(snapshot: ApiSnapshot, node_name: str) -> list[ServiceRow]:
+def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "") -> list[ServiceRow]:
     """Convert and plan the snapshot as kproxyd does, then describe each programmed Service."""
     tracker = ProxyStateTracker(node_name)
     tracker.replace(SERVICE, snapshot.services)
@@ -92,10 +94,18 @@ def service_rows(snapshot: ApiSnapshot, node_name: str) -> list[ServiceRow]:
         key: [ep for plan in port_plans for ep in state.endpoints.get(plan.name, ())]
         for key, port_plans in plans.items()
     }
-    return [
+    rows = [
         _row(key, port_plans, endpoints[key], raw[key], snapshot.pods, node_name)
         for key, port_plans in plans.items()
     ]
+    if mode == "ebpf":
+        rows = [replace(row, dataplane=ebpf_dataplane(plans[row.service])) for row in rows]
+    return rows
+
+
+def ebpf_dataplane(plans: Sequence[ServicePlan]) -> str:
+    """Where a Service's ports run in ebpf mode, e.g. "ebpf(cluster-ip v4)+nftables(external)"."""
+    return ", ".join(sorted({dataplane(plan) for plan in plans}))
 
 
 def _row(
@@ -164,6 +174,8 @@ def diagnose(service: Obj, pods: Sequence[Obj]) -> str:
 
 def format_table(rows: Sequence[ServiceRow]) -> str:
     """The rows as aligned columns, then the diagnosis of each Service without endpoints."""
+    dataplanes = any(r.dataplane for r in rows)
+    columns = [*_COLUMNS, "DATAPLANE"] if dataplanes else list(_COLUMNS)
     cells = [
         [
             r.service,
@@ -173,12 +185,13 @@ def format_table(rows: Sequence[ServiceRow]) -> str:
             str(r.terminating),
             str(r.local),
             f"{r.external_policy}/{r.internal_policy}",
+            *([r.dataplane or ""] if dataplanes else []),
         ]
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [list(_COLUMNS), *cells]) for i in range(len(_COLUMNS))]
+    widths = [max(len(line[i]) for line in [columns, *cells]) for i in range(len(columns))]
     lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [_COLUMNS, *cells]
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [columns, *cells]
     ]
     flagged = [r for r in rows if r.diagnosis]
     if flagged:
@@ -194,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
     parser.add_argument("--hostname-override", help="this node's name (default: the hostname)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--proxy-mode", default="", help="ebpf: add a DATAPLANE column (what runs in eBPF, what in nftables)"
+    )
     return parser
 
 
@@ -203,6 +219,6 @@ def status_main(argv: Sequence[str]) -> int:
     configure_logging(-1)
     node_name = (args.hostname_override or socket.gethostname()).strip().lower()
     with build_api_client(args.kubeconfig, args.master) as api:
-        rows = service_rows(read_api(api, node_name), node_name)
+        rows = service_rows(read_api(api, node_name), node_name, args.proxy_mode)
     print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else format_table(rows))
     return 0

@@ -146,3 +146,21 @@ def test_status_against_the_lab_api_server(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "default/api" in out
     assert "default/api: selector app=api matches no pod; pods in default have app=backend" in out
+
+
+NODE_PORT = {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}
+
+
+def test_ebpf_mode_shows_what_runs_where() -> None:
+    snapshot = ApiSnapshot(
+        [
+            service("web", {"app": "web"}),
+            service("np", {"app": "web"}, clusterIP="10.96.0.12", type="NodePort", ports=[NODE_PORT]),
+        ],
+        [endpoint_slice("web", ("10.0.1.1", "node1", True, False))],
+        [],
+        NODE,
+    )
+    rows = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf")}
+    assert rows == {"default/web": "ebpf(cluster-ip v4)", "default/np": "ebpf(cluster-ip v4)+nftables(external)"}
+    assert format_table(service_rows(snapshot, "node1", "ebpf")).splitlines()[0].endswith("DATAPLANE")
