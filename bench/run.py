@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report
 import syncbench
 
+from kproxyd.lab.cgroups import in_cgroup
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import LabPod
 from kproxyd.tracker import ENDPOINT_SLICE, SERVICE, ProxyStateTracker
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-MODES = ("iptables", "nftables")
+MODES = ("iptables", "nftables", "ebpf")
 SERVER_PORT = 9000  # the C server in the target pods (the lab pod server on 8080 is Python, too slow to load)
 HAPROXY_PORT = 8000
 THREADS = 4  # client threads per measurement (the machine has 2 CPUs, shared with servers and daemon)
@@ -225,19 +226,9 @@ class Lab:
                 share = [THREADS // len(ips) + (1 if i < THREADS % len(ips) else 0) for i in range(len(ips))]
                 procs = [
                     subprocess.Popen(
-                        [
-                            "ip",
-                            "netns",
-                            "exec",
-                            self.client.netns,
-                            self.loadgen,
-                            "client",
-                            ip,
-                            str(port),
-                            str(threads),
-                            str(seconds),
-                            "200000",
-                        ],
+                        self.in_node(
+                            [self.loadgen, "client", ip, str(port), str(threads), str(seconds), "200000"]
+                        ),
                         stdout=subprocess.PIPE,
                         text=True,
                     )
@@ -254,7 +245,7 @@ class Lab:
     def probe(self, ip: str, want: str, timeout: float) -> subprocess.Popen[str]:
         """Start a probe of ip:80 from the client pod; returns once it saw the opposite state."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.client.netns, self.loadgen, "probe", ip, "80", want, str(timeout)],
+            self.in_node([self.loadgen, "probe", ip, "80", want, str(timeout)]),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -264,6 +255,10 @@ class Lab:
             proc.wait(5)
             raise RuntimeError(f"probe {ip} {want}: {first or 'no answer'} before the change")
         return proc
+
+    def in_node(self, argv: list[str]) -> list[str]:
+        """argv in the client pod, in node1's cgroup (as a pod's processes are: ebpf balances that cgroup)."""
+        return in_cgroup(self.cluster.net.node_cgroup("node1"), ["ip", "netns", "exec", self.client.netns, *argv])
 
     def close(self) -> None:
         """Stop the processes started here, then the lab."""
@@ -382,6 +377,9 @@ def measure_mode(loadgen: str, n: int, mode: str, quick: bool) -> dict[str, Any]
         result["first_sync_bytes"] = first[0].get("bytes")
         result["cold_cpu_s"] = round(started["cpu_s"] + started["children_cpu_s"], 2)
         result["rss_after_start_mb"] = round(started["rss_mb"], 1)
+        if mode == "ebpf":
+            result["bpf_maps"] = bpf_map_memory(lab.cluster.net.pin_path("node1"))
+            progress(f"  ebpf     N={n}: pinned maps hold {result['bpf_maps']['total_mb']:.1f} MB (memlock)")
         progress(
             f"  {mode:<8} N={n}: programmed {result['cold_start_s']:.2f}s after start "
             f"(sync {result['first_sync_s']:.3f}s)"
@@ -428,6 +426,28 @@ def measure_mode(loadgen: str, n: int, mode: str, quick: bool) -> dict[str, Any]
         lab.cluster.stop_proxy("node1")
         lab.close()
     return result
+
+
+def bpf_map_memory(pin_path: str) -> dict[str, Any]:
+    """The kernel memory (memlock bytes, from fdinfo) and entry limits of the ebpf mode's pinned maps."""
+    from bcc.libbcc import lib
+
+    maps: dict[str, Any] = {}
+    for name in sorted(os.listdir(pin_path)):
+        if name.startswith("prog_"):
+            continue
+        fd = lib.bpf_obj_get(os.path.join(pin_path, name).encode())
+        try:
+            info = dict(
+                line.split(":\t", 1)
+                for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+                if ":\t" in line
+            )
+        finally:
+            os.close(fd)
+        maps[name] = {"memlock_bytes": int(info["memlock"]), "max_entries": int(info["max_entries"])}
+    total = sum(m["memlock_bytes"] for m in maps.values())
+    return {"maps": maps, "total_mb": round(total / 2**20, 2)}
 
 
 def burst(lab: Lab, n: int, timeout: float, changes: int = 1000) -> dict[str, Any]:
@@ -522,6 +542,10 @@ def main() -> int:
     parser.add_argument("--sizes", help="comma-separated Service counts (default 100,1000,10000,30000)")
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="skip sizes that would not fit")
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate docs/benchmarks.md")
+    parser.add_argument(
+        "--modes",
+        help="comma-separated modes to measure alone (e.g. ebpf): no baseline, kernel tools, plots or docs",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (network namespaces)")
@@ -532,7 +556,8 @@ def main() -> int:
         else ([100, 1000] if args.quick else [100, 1000, 10000, 30000])
     )
     today = dt.date.today().isoformat()
-    name = f"{today}-quick" if args.quick else today
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    name = (f"{today}-quick" if args.quick else today) + ("-" + "-".join(modes) if args.modes else "")
     loadgen = build_loadgen()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -565,10 +590,11 @@ def main() -> int:
             )
             progress(f"N={n}: skipped, it would not fit in the {args.budget_minutes:.0f} min budget")
             continue
-        progress(f"N={n}: baseline (direct, haproxy)")
-        results["baseline"].append(measure_baseline(loadgen, n, args.quick))
-        save()
-        for mode in MODES:
+        if not args.modes:
+            progress(f"N={n}: baseline (direct, haproxy)")
+            results["baseline"].append(measure_baseline(loadgen, n, args.quick))
+            save()
+        for mode in modes:
             progress(f"N={n}: kproxyd --proxy-mode={mode}")
             try:
                 results["modes"].append(measure_mode(loadgen, n, mode, args.quick))
@@ -576,7 +602,7 @@ def main() -> int:
                 progress(f"  {mode} N={n} FAILED: {err!r}")
                 results["modes"].append({"services": n, "mode": mode, "failed": repr(err)})
             save()
-        for variant in syncbench.variants(n):
+        for variant in syncbench.variants(n) if not args.modes else ():
             r = syncbench.measure(n, variant)
             results["kernel"].append(r)
             progress(
@@ -584,8 +610,12 @@ def main() -> int:
                 f"partial {r['partial']['kernel_s']:.3f}s of {r['partial']['total_s']:.3f}s"
             )
             save()
-    results["slopes"] = report.slopes(results)
     results["elapsed_s"] = round(time.monotonic() - START, 1)
+    if args.modes:
+        save()
+        progress(f"done in {results['elapsed_s'] / 60:.1f} min")
+        return 0
+    results["slopes"] = report.slopes(results)
     save()
     report.plots(results, RESULTS, name)
     if not args.quick and not args.no_docs:

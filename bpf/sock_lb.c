@@ -59,9 +59,10 @@ struct reverse_key {
     u16 pad;
 };
 
-BPF_TABLE_PINNED("hash", struct frontend_key, struct frontend, frontends, 131072, "PIN_DIR/frontends");
-BPF_TABLE_PINNED("hash", struct slot_key, struct backend, slots, 524288, "PIN_DIR/slots");
-BPF_TABLE_PINNED("hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/counters");
+// Hash maps allocate per element (BPF_F_NO_PREALLOC): memory follows the Services, not the limits.
+BPF_TABLE_PINNED("hash", struct frontend_key, struct frontend, frontends, 131072, "PIN_DIR/frontends", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct slot_key, struct backend, slots, 262144, "PIN_DIR/slots", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/counters", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/affinity");
 BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct frontend_key, reverse, 65536, "PIN_DIR/reverse");
 
