@@ -61,7 +61,7 @@ test: lint
 bench: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy gcc >/dev/null
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/run.py $(if $(QUICK),--quick)
+	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(MODES),--modes $(MODES))
 
 image: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap podman runc >/dev/null

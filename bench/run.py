@@ -1,7 +1,7 @@
 """kproxyd's benchmark harness: data plane, control plane, resources and growth, in one run.
 
 Run as root: .venv/bin/python bench/run.py [--quick] [--sizes 100,1000,...] [--no-docs]
-(`make bench`, `make bench QUICK=1`). Everything runs inside lab namespaces (kproxyd.lab.cluster.LabCluster)
+(`make bench`, `make bench QUICK=1`; one mode alone: `--modes ebpf`, `make bench MODES=ebpf`). Everything runs inside lab namespaces (kproxyd.lab.cluster.LabCluster)
 or scratch namespaces created and deleted here; every load loop is bounded in count and time. Writes
 bench/results/<date>.json (<date>-quick.json with --quick), PNG plots next to it, and regenerates
 docs/benchmarks.md from a full run (bench/report.py renders both; it can be re-run on a saved JSON).

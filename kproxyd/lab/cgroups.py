@@ -32,7 +32,10 @@ RMDIR_TIMEOUT = 5.0
 
 def lab_cgroup(prefix: str) -> str:
     """The parent cgroup of a lab's node cgroups."""
-    return os.path.join(cgroup2_root(), f"kproxyd-lab-{prefix}")
+    root = cgroup2_root()
+    if not root:
+        raise RuntimeError("the lab needs a cgroup2 mount (for the ebpf mode's per-node cgroups)")
+    return os.path.join(root, f"kproxyd-lab-{prefix}")
 
 
 def pin_path(prefix: str, node: str) -> str:

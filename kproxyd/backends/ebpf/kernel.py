@@ -36,13 +36,13 @@ _BY_NUMBER = {0: Protocol.TCP} | {number: proto for proto, number in _PROTOCOLS.
 
 
 def cgroup2_root() -> str:
-    """Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    """Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts); "" if nowhere."""
     with open("/proc/mounts") as f:
         for line in f:
             parts = line.split()
             if parts[2] == "cgroup2":
                 return parts[1]
-    raise RuntimeError("no cgroup2 file system is mounted")
+    return ""
 
 
 def _is_bpffs(path: str) -> bool:
@@ -86,6 +86,8 @@ class SockLbKernel:
         """Compile and load the programs (creating or reusing the pinned maps), attach them, pin them."""
         from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
 
+        if not os.path.isdir(self.cgroup):
+            raise RuntimeError(f"cgroup {self.cgroup!r} does not exist (ebpf mode needs cgroup2: --cgroup-root)")
         ensure_bpffs(self.pin_path)
         text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
         self._bpf = BPF(text=text)
