@@ -62,9 +62,13 @@ struct reverse_key {
 // Hash maps allocate per element (BPF_F_NO_PREALLOC): memory follows the Services, not the limits.
 BPF_TABLE_PINNED("hash", struct frontend_key, struct frontend, frontends, 131072, "PIN_DIR/frontends", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct slot_key, struct backend, slots, 262144, "PIN_DIR/slots", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/counters", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/affinity");
-BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct frontend_key, reverse, 65536, "PIN_DIR/reverse");
+// Per-CPU counters and per-CPU LRU lists: concurrent connect()s on different CPUs share no cache line or lock.
+BPF_TABLE_PINNED("percpu_hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/counters",
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/affinity",
+                 BPF_F_NO_COMMON_LRU);
+BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct frontend_key, reverse, 65536, "PIN_DIR/reverse",
+                 BPF_F_NO_COMMON_LRU);
 
 static __always_inline u32 pick_slot(struct bpf_sock_addr *ctx, struct frontend *fe) {
     if (!(fe->flags & F_MAGLEV))
@@ -131,9 +135,9 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, u8 proto, int co
     struct counter *c = counters.lookup_or_try_init(&fk, &zero);
     if (c) {
         if (connected)
-            __sync_fetch_and_add(&c->connections, 1);
+            c->connections++;
         else
-            __sync_fetch_and_add(&c->packets, 1);
+            c->packets++;
     }
     struct reverse_key rk = {.cookie = bpf_get_socket_cookie(ctx), .addr = be->addr, .port = be->port};
     reverse.update(&rk, &fk);

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -131,3 +132,21 @@ def test_maglev_keeps_flows_when_a_backend_goes(cluster: LabCluster) -> None:
     after = _flows(cluster, ip, ports)
     moved = [p for p in ports if before[p] != "mag-3" and after[p] != before[p]]
     assert len(moved) <= len(ports) * 0.1, moved  # only mag-3's flows (about 1/4) had to move
+
+
+def test_applications_see_the_service_address(cluster: LabCluster) -> None:
+    """getpeername() of a translated TCP connection, and recvfrom() of an unconnected UDP socket's reply,
+    show the cluster IP the application asked for, not the backend (getpeername4 and recvmsg4 programs).
+    """
+    ip = _cluster_ip(cluster, "web")
+    wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}), timeout=30, what="web served")
+    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.settimeout(2)
+        tcp.connect((ip, 80))
+        assert tcp.getpeername() == (ip, 80)
+    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(2)
+        udp.sendto(b"HELLO\n", (ip, 53))
+        data, peer = udp.recvfrom(4096)
+    assert peer == (ip, 53)
+    assert data.split()[0].decode() in {"web-0", "web-1"}

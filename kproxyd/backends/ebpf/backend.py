@@ -37,7 +37,7 @@ class EbpfBackend:
         self._fallback = fallback
         self._kernel = kernel
         self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
-        self._fallback_names: set[ServicePortName] = set()
+        self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
         self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
 
     @classmethod
@@ -54,14 +54,28 @@ class EbpfBackend:
     ) -> WriteStats:
         """Maps first (only what changed), then the nftables fallback for the plans it renders."""
         writes = self._write_maps(plans, changed) if self._kernel is not None else 0
-        fallback = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
         stats = WriteStats()
         if changed is None:
-            stats = self._fallback.apply(fallback, None, node)
-        elif fallback_changed := {n for n in changed if n in fallback or n in self._fallback_names}:
-            stats = self._fallback.apply(fallback, fallback_changed, node)
-        self._fallback_names = set(fallback)
+            self._fallback_plans = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
+            stats = self._fallback.apply(self._fallback_plans, None, node)
+        elif fallback_changed := self._update_fallback(plans, changed):
+            stats = self._fallback.apply(self._fallback_plans, fallback_changed, node)
         return WriteStats(bytes=stats.bytes, lines=stats.lines + writes, rules=stats.rules)
+
+    def _update_fallback(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName]
+    ) -> set[ServicePortName]:
+        """Update the fallback's plans for the changed ports only (O(changed)); the ones it must rewrite."""
+        touched = {name for name in changed if name in self._fallback_plans}
+        for name in changed:
+            plan = plans.get(name)
+            fallback = (img.fallback_plan(plan) if self._kernel is not None else plan) if plan else None
+            if fallback is None:
+                self._fallback_plans.pop(name, None)
+            else:
+                self._fallback_plans[name] = fallback
+                touched.add(name)
+        return touched
 
     def _write_maps(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None

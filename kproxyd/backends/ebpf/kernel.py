@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ CGROUP_SOCK_ADDR = 18  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR
 HOOKS = {"connect4": 10, "sendmsg4": 14, "recvmsg4": 19, "getpeername4": 29}
 MAPS = ("frontends", "slots", "counters", "affinity", "reverse")
 BPFFS_MAGIC = 0xCAFE4A11
+BATCH_MIN = 64
 _PROTOCOLS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
 _BY_NUMBER = {0: Protocol.TCP} | {number: proto for proto, number in _PROTOCOLS.items()}
 
@@ -60,7 +62,8 @@ def ensure_bpffs(pin_path: str) -> None:
     if not _is_bpffs(parent):
         log.info("mounting bpffs", path=parent)
         os.makedirs(parent, exist_ok=True)
-        if os.system(f"mount -t bpf bpf {parent}") != 0 or not _is_bpffs(parent):
+        mounted = subprocess.run(["mount", "-t", "bpf", "bpf", parent], capture_output=True, check=False)
+        if mounted.returncode != 0 or not _is_bpffs(parent):
             raise RuntimeError(f"{parent} is not a bpffs mount and mounting one failed")
     os.makedirs(pin_path, exist_ok=True)
 
@@ -80,6 +83,7 @@ class SockLbKernel:
         self.cgroup = cgroup
         self.pin_path = pin_path
         self._bpf: Any = None
+        self._tables: dict[str, Any] = {}
         self._next_rev = 1
 
     def load(self) -> None:
@@ -90,7 +94,7 @@ class SockLbKernel:
             raise RuntimeError(f"cgroup {self.cgroup!r} does not exist (ebpf mode needs cgroup2: --cgroup-root)")
         ensure_bpffs(self.pin_path)
         text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
-        self._bpf = BPF(text=text)
+        self._bpf, self._tables = BPF(text=text), {}
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, attach_type in HOOKS.items():
@@ -111,7 +115,10 @@ class SockLbKernel:
             raise OSError(ctypes.get_errno(), f"pinning {path} failed")
 
     def _table(self, name: str) -> Any:
-        return self._bpf.get_table(name)
+        # Cached: bcc's get_table decodes the key and leaf types from JSON on every call.
+        if name not in self._tables:
+            self._tables[name] = self._bpf.get_table(name)
+        return self._tables[name]
 
     def _key(self, key: FrontendKey) -> Any:
         table = self._table("frontends")
@@ -141,17 +148,24 @@ class SockLbKernel:
         removed ones; returns the number of map writes.
         """
         frontends, slots, counters = self._table("frontends"), self._table("slots"), self._table("counters")
-        writes = 0
+        slot_items: list[tuple[Any, Any]] = []
+        entries: list[tuple[Any, Any]] = []
+        replaced = []
         for key, entry in upserts.items():
             rev, self._next_rev = self._next_rev, self._next_rev + 1
             for i, (ip, port) in enumerate(entry.slots):
-                slots[slots.Key(rev, i)] = slots.Leaf(_ip(ip), socket.htons(port), 0)
+                slot_items.append((slots.Key(rev, i), slots.Leaf(_ip(ip), socket.htons(port), 0)))
             fkey = self._key(key)
             previous = frontends.get(fkey)
-            frontends[fkey] = frontends.Leaf(rev, len(entry.slots), entry.flags, entry.affinity)
-            writes += len(entry.slots) + 1
             if previous is not None:
-                writes += self._delete_slots(slots, previous.rev, previous.count)
+                replaced.append((previous.rev, previous.count))
+            entries.append((fkey, frontends.Leaf(rev, len(entry.slots), entry.flags, entry.affinity)))
+        # Every new slot before any entry that points at it; old slots only once nothing points at them.
+        _update(slots, slot_items)
+        _update(frontends, entries)
+        writes = len(slot_items) + len(entries)
+        for rev, count in replaced:
+            writes += self._delete_slots(slots, rev, count)
         for key in deletes:
             fkey = self._key(key)
             previous = frontends.get(fkey)
@@ -174,7 +188,7 @@ class SockLbKernel:
         """Connections plus unconnected datagrams translated per frontend."""
         for k, v in self._table("counters").items():
             key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
-            yield key, v.connections + v.packets
+            yield key, sum(cpu.connections + cpu.packets for cpu in v)  # per-CPU values
 
     def attached(self) -> bool:
         """True while the maps are pinned and a connect4 program is attached to the cgroup."""
@@ -191,6 +205,17 @@ class SockLbKernel:
             return bool(res == 0 and count.value > 0)
         finally:
             os.close(fd)
+
+
+def _update(table: Any, items: list[tuple[Any, Any]]) -> None:
+    """Write items in one BPF_MAP_UPDATE_BATCH call (a few, one by one)."""
+    if len(items) < BATCH_MIN:
+        for key, value in items:
+            table[key] = value
+        return
+    keys = (table.Key * len(items))(*(key for key, _ in items))
+    values = (table.Leaf * len(items))(*(value for _, value in items))
+    table.items_update_batch(keys, values)
 
 
 def detach_and_unpin(cgroup: str, pin_path: str) -> list[str]:
