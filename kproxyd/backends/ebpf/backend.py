@@ -85,31 +85,21 @@ class EbpfBackend:
         algorithm = self._config.ebpf_lb_algorithm
         started = time.monotonic()
         try:
+            first = self._ports is None
             if self._ports is None:
                 kernel.load()
                 old = kernel.read_image()  # an earlier run's maps: rewrite only what differs
-                ports: dict[ServicePortName, img.Image] = {}
+                self._ports, self._addresses = {}, Counter()
                 names: set[ServicePortName] = set(plans)
             else:
-                old, ports = {}, dict(self._ports)
-                names = set(plans) | set(ports) if changed is None else changed
-            new: img.Image = {}
-            addresses = Counter(self._addresses) if self._ports is not None else Counter()
-            for name in names:
-                removed = ports.pop(name, {})
-                old.update(removed)
-                addresses.subtract(key.ip for key in removed)
-                if name in plans:
-                    ports[name] = img.plan_image(plans[name], algorithm)
-                    new.update(ports[name])
-                    addresses.update(key.ip for key in ports[name])
-            self._mark_addresses(old, new, addresses)
+                old = {}
+                names = set(plans) | set(self._ports) if changed is None else changed
+            new = self._replace_ports(plans, names, old, algorithm, first)
             upserts, deletes = img.diff(old, new)
             writes = kernel.write(upserts, deletes)
         except Exception:
             self._ports = None  # unknown after a failure: reload and reread on the next sync
             raise
-        self._ports, self._addresses = ports, +addresses
         log.debug(
             "eBPF maps written",
             full=changed is None,
@@ -120,14 +110,41 @@ class EbpfBackend:
         )
         return writes
 
-    def _mark_addresses(self, old: img.Image, new: img.Image, addresses: Counter[str]) -> None:
-        """Add to old and new the address entries of the cluster IPs that appear or disappear."""
-        touched = {key.ip for key in old.keys() | new.keys() if key.port}
-        for ip in touched:
+    def _replace_ports(
+        self,
+        plans: Mapping[ServicePortName, ServicePlan],
+        names: set[ServicePortName],
+        old: img.Image,
+        algorithm: str,
+        first: bool,
+    ) -> img.Image:
+        """Replace the named ports' images in place (O(changed)); add what they held to old, return what they
+        hold now, each with the address entries of the cluster IPs that appear or disappear.
+        """
+        assert self._ports is not None
+        ports, addresses = self._ports, self._addresses
+        before: dict[str, int] = {}
+        new: img.Image = {}
+        for name in names:
+            removed = ports.pop(name, {})
+            old.update(removed)
+            for key in removed:
+                before.setdefault(key.ip, addresses[key.ip])
+                addresses[key.ip] -= 1
+            if name in plans:
+                image = ports[name] = img.plan_image(plans[name], algorithm)
+                new.update(image)
+                for key in image:
+                    before.setdefault(key.ip, addresses[key.ip])
+                    addresses[key.ip] += 1
+        for ip, count in before.items():
             if addresses[ip] > 0:
                 new[img.address_key(ip)] = img.ADDRESS_ENTRY
-            if self._addresses.get(ip, 0) > 0 and self._ports is not None:
+            else:
+                del addresses[ip]
+            if count > 0 and not first:
                 old[img.address_key(ip)] = img.ADDRESS_ENTRY
+        return new
 
     def frontends(self) -> dict[img.FrontendKey, ServicePortName]:
         """The ServicePort of each frontend in the maps."""
