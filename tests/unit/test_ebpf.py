@@ -133,7 +133,7 @@ class FakeFallback:
     name = "nftables"
 
     def __init__(self) -> None:
-        self.calls: list[tuple[set[ServicePortName], set[ServicePortName] | None]] = []
+        self.calls: list[tuple[set[ServicePortName], set[ServicePortName] | str | None]] = []
 
     def apply(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
@@ -149,6 +149,9 @@ class FakeFallback:
 
     def cleanup(self) -> None:
         pass
+
+    def remove_table(self) -> None:
+        self.calls.append((set(), "removed"))
 
 
 def _backend(kernel: FakeKernel) -> tuple[EbpfBackend, FakeFallback]:
@@ -183,7 +186,7 @@ def test_partial_sync_writes_only_the_changed_port_and_shared_addresses_stay() -
     del state[http.name]
     backend.apply(state, {http.name}, NODE)
     assert kernel.maps == {}
-    assert fallback.calls == [(set(), None)]  # nothing external: the fallback is never asked again
+    assert fallback.calls == [(set(), "removed")]  # nothing external: no table (no nat hooks, no conntrack)
     assert backend.connection_counters() == []
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
+from typing import Protocol
 
 import structlog
 
@@ -21,6 +22,13 @@ from kproxyd.plan import ServicePlan
 log = structlog.get_logger(__name__)
 
 
+class Fallback(Backend, Protocol):
+    """The nftables backend, as the ebpf mode drives it."""
+
+    def remove_table(self) -> None:
+        """Delete this family's table; the next apply writes it afresh."""
+
+
 def cgroup_of(config: ProxyConfig) -> str:
     """The cgroup the socket load balancer attaches to: --cgroup-root, else the cgroup2 root (as Cilium)."""
     return config.cgroup_root or cgroup2_root()
@@ -31,13 +39,14 @@ class EbpfBackend:
 
     name = "ebpf"
 
-    def __init__(self, config: ProxyConfig, fallback: Backend, kernel: SockLbKernel | None = None) -> None:
+    def __init__(self, config: ProxyConfig, fallback: Fallback, kernel: SockLbKernel | None = None) -> None:
         """kernel None: the family has no socket load balancer (IPv6): the fallback does everything."""
         self._config = config
         self._fallback = fallback
         self._kernel = kernel
         self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
+        self._fallback_live = False  # its table exists (written by this process)
         self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
 
     @classmethod
@@ -57,10 +66,22 @@ class EbpfBackend:
         stats = WriteStats()
         if changed is None:
             self._fallback_plans = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
-            stats = self._fallback.apply(self._fallback_plans, None, node)
+            stats = self._apply_fallback(None, node)
         elif fallback_changed := self._update_fallback(plans, changed):
-            stats = self._fallback.apply(self._fallback_plans, fallback_changed, node)
+            stats = self._apply_fallback(fallback_changed, node)
         return WriteStats(bytes=stats.bytes, lines=stats.lines + writes, rules=stats.rules)
+
+    def _apply_fallback(self, changed: set[ServicePortName] | None, node: NodeInfo) -> WriteStats:
+        """Write the nftables fallback; while no frontend needs it, have no table at all: its nat hooks would
+        turn conntrack on for every connection, the socket-balanced ones too.
+        """
+        if not self._fallback_plans and changed is None:
+            self._fallback.remove_table()
+            self._fallback_live = False
+            return WriteStats()
+        stats = self._fallback.apply(self._fallback_plans, changed if self._fallback_live else None, node)
+        self._fallback_live = True
+        return stats
 
     def _update_fallback(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName]

@@ -142,6 +142,11 @@ class NftablesBackend:
         """True when the table (its services chain) is gone since it was written: resync fully."""
         return self._ports is not None and not self._kernel.has_chain(self._family.name, SERVICES)
 
+    def remove_table(self) -> None:
+        """Delete this family's table only; the next apply writes it afresh (the ebpf mode's fallback)."""
+        self._kernel.delete_table(self._family.name)
+        self._ports, self._base_recreated = None, False
+
     def cleanup(self) -> None:
         """Remove the kube-proxy table (IPv4 and IPv6), and nothing else."""
         for family in ("ip", "ip6"):
