@@ -1,6 +1,6 @@
 // kproxyd socket load balancer (IPv4): a Service frontend is translated once, at connect() or sendmsg(),
 // to a backend chosen here, so the connection's packets need no NAT. Compiled by bcc at daemon start-up;
-// PIN_DIR is substituted by the loader. Maps are pinned so that a restarted daemon (and the programs it
+// The loader substitutes the pin directory in the map paths below. Maps are pinned so that a restarted daemon (and the programs it
 // attaches in place of the old ones) keep the same state: no connection sees an empty table.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -40,11 +40,10 @@ struct counter {
 
 struct affinity_key {
     u64 netns;  // the client is the socket's network namespace (a pod), as Cilium's socket LB
-    u32 rev_frontend;
     u32 frontend_addr;
     u16 frontend_port;
     u8 proto;
-    u8 pad[5];
+    u8 pad;
 };
 
 struct affinity_value {

@@ -94,11 +94,11 @@ class SockLbKernel:
             raise RuntimeError(f"cgroup {self.cgroup!r} does not exist (ebpf mode needs cgroup2: --cgroup-root)")
         ensure_bpffs(self.pin_path)
         text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
-        self._bpf, self._tables = BPF(text=text), {}
+        self._bpf, self._tables = BPF(text=text.encode()), {}
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, attach_type in HOOKS.items():
-                fn = self._bpf.load_func(name, CGROUP_SOCK_ADDR, attach_type=attach_type)
+                fn = self._bpf.load_func(name.encode(), CGROUP_SOCK_ADDR, attach_type=attach_type)
                 BPF.attach_func(fn, cgroup_fd, attach_type)  # replaces an earlier run's program in place
                 self._pin(fn.fd, name)
         finally:
@@ -117,7 +117,7 @@ class SockLbKernel:
     def _table(self, name: str) -> Any:
         # Cached: bcc's get_table decodes the key and leaf types from JSON on every call.
         if name not in self._tables:
-            self._tables[name] = self._bpf.get_table(name)
+            self._tables[name] = self._bpf.get_table(name.encode())
         return self._tables[name]
 
     def _key(self, key: FrontendKey) -> Any:
