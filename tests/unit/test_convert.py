@@ -199,3 +199,13 @@ def test_fuzzed_objects_convert_or_fail_cleanly(obj: dict[str, Any]) -> None:
     for convert in (convert_service, convert_endpoint_slice, convert_node):
         with contextlib.suppress(ConversionError):
             convert(obj)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("maglev", "maglev"), ("random", "random"), ("bogus", None)])
+def test_lb_algorithm_annotation(value: str, expected: str | None) -> None:
+    obj = service()
+    obj["metadata"]["annotations"] = {"kproxyd.io/lb-algorithm": value}
+    (port,) = convert_service(obj).ports
+    assert port.lb_algorithm == expected
+    (plain,) = convert_service(service()).ports
+    assert plain.lb_algorithm is None
