@@ -10,11 +10,13 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo
 from kproxyd.plan import ServicePlan
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Match = TypeVar("Match")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +39,19 @@ def pod_traffic(detector: LocalTrafficDetector | None, wildcard: str) -> PodTraf
     return PodTraffic(False, detector.interface + wildcard if prefix else detector.interface)
 
 
-def cluster_ip_masquerade(plan: ServicePlan, masquerade_all: bool, off_cluster: str | None) -> str | None:
+def cluster_ip_masquerade(
+    plan: ServicePlan, masquerade_all: bool, off_cluster: Match | None, everything: Match
+) -> Match | None:
     """The source match of the rules marking plan's cluster-IP traffic for masquerade; None: no such rules.
 
-    All of it with masquerade_all (""), else only off-cluster sources: off_cluster, the renderer's spelling
+    All of it with masquerade_all (everything, the renderer's empty match), else only off-cluster sources: off_cluster, the renderer's spelling
     of "not from a pod" (None when pod traffic cannot be told apart). None too when cluster-IP traffic has
     no endpoints to go to (it is rejected or dropped).
     """
     if plan.internal_verdict is not None:
         return None
     if masquerade_all:
-        return ""
+        return everything
     return off_cluster
 
 
