@@ -44,9 +44,9 @@ def cluster_ip_masquerade(
 ) -> Match | None:
     """The source match of the rules marking plan's cluster-IP traffic for masquerade; None: no such rules.
 
-    All of it with masquerade_all (everything, the renderer's empty match), else only off-cluster sources: off_cluster, the renderer's spelling
-    of "not from a pod" (None when pod traffic cannot be told apart). None too when cluster-IP traffic has
-    no endpoints to go to (it is rejected or dropped).
+    All of it with masquerade_all (everything: the renderer's empty match), else only off-cluster sources:
+    off_cluster, the renderer's spelling of "not from a pod" (None when pod traffic cannot be told apart).
+    None too when cluster-IP traffic has no endpoints to go to (it is rejected or dropped).
     """
     if plan.internal_verdict is not None:
         return None

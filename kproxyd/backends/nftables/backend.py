@@ -1,4 +1,8 @@
-"""The nftables Backend: render plans (pure) and write them as one nft transaction per sync."""
+"""The nftables Backend: render plans (pure) and write them as one transaction per sync.
+
+A full sync goes through `nft -f`; a partial sync goes as one netlink batch (no cache of the table, so its
+cost does not grow with the table), or through `nft -f` when it holds something the encoder does not know.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
 from kproxyd.backends.nftables.names import SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, port_chains
+from kproxyd.backends.nftables.netlink import Unsupported
 from kproxyd.backends.nftables.render import FAMILIES, IPV4, Family, NftRenderer, NftRenderOptions, PortRules
 from kproxyd.backends.nftables.transaction import Elements, Transaction, full_sync, partial_sync
 from kproxyd.config import ProxyConfig, local_traffic_detector
@@ -118,9 +123,25 @@ class NftablesBackend:
 
     def _write(self, tx: Transaction, full: bool, ports: int) -> WriteStats:
         text = tx.text()
-        if text:
+        writer = "nft"
+        if text and not full and self._kernel.netlink:
+            try:
+                batch = tx.batch()
+            except Unsupported as why:
+                log.debug("partial sync through nft -f", reason=str(why))
+            else:
+                self._kernel.send(batch)
+                writer = "netlink"
+        if text and writer == "nft":
             self._kernel.run(text)
-        log.debug("nftables rules written", full=full, ports=ports, commands=len(tx.lines), bytes=len(text))
+        log.debug(
+            "nftables rules written",
+            full=full,
+            ports=ports,
+            commands=len(tx.lines),
+            bytes=len(text),
+            writer=writer,
+        )
         return WriteStats(bytes=len(text), lines=len(tx.lines))
 
     def connection_counters(self) -> list[FrontendCounter]:
