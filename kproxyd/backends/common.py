@@ -6,9 +6,11 @@ traffic, what cluster-IP traffic is masqueraded, which node IPs the LB source ra
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -80,3 +82,17 @@ def refused_line(stderr: str, text: str, line_number: re.Pattern[str]) -> tuple[
     line = int(match.group(1)) if match else None
     lines = text.splitlines()
     return line, lines[line - 1] if line is not None and 0 < line <= len(lines) else None
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: a full sync allocates millions of acyclic objects, and the
+    collections they trigger would each traverse them all (2-3x the render time at 10k Services).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -13,14 +13,14 @@ from dataclasses import astuple
 import structlog
 
 from kproxyd.backends import FrontendCounter, WriteStats
-from kproxyd.backends.common import family_addresses
+from kproxyd.backends.common import family_addresses, gc_paused
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
 from kproxyd.backends.nftables.names import SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, port_chains
 from kproxyd.backends.nftables.netlink import Unsupported
 from kproxyd.backends.nftables.render import FAMILIES, IPV4, Family, NftRenderer, NftRenderOptions, PortRules
-from kproxyd.backends.nftables.transaction import Elements, Transaction, full_sync, partial_sync
+from kproxyd.backends.nftables.transaction import TableElements, Transaction, full_sync, partial_sync
 from kproxyd.config import ProxyConfig, local_traffic_detector
 from kproxyd.model import NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
@@ -66,7 +66,7 @@ class NftablesBackend:
         self._node: NodeInfo | None = None
         self._renderer: NftRenderer | None = None
         self._ports: dict[ServicePortName, PortRules] | None = None  # what the table holds; None: unknown
-        self._elements: Elements = {}
+        self._elements = TableElements()
         self._base_recreated = False
 
     @classmethod
@@ -83,7 +83,8 @@ class NftablesBackend:
         """Render and write; a full sync (also on a Node change or after a failure) rewrites the table."""
         try:
             if changed is None or self._ports is None or self._renderer is None or node != self._node:
-                return self._full_sync(plans, node)
+                with gc_paused():
+                    return self._full_sync(plans, node)
             return self._partial_sync(self._renderer, self._ports, plans, changed)
         except Exception:
             self._ports = None  # unknown after a failure: the next sync is a full one

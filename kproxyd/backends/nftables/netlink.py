@@ -40,6 +40,7 @@ VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 NFPROTO = {"ip": 2, "ip6": 10}
+ELEMENTS_PER_MESSAGE = 256
 NFPROTO_NAMES = {value: key for key, value in NFPROTO.items()}
 
 
@@ -192,16 +193,16 @@ class Batch:
         self._add(DELSET, 0, string(SET_TABLE, self._table), string(SET_NAME, name))
 
     def elements(self, verb: str, target: str, items: Iterable[tuple[bytes, bytes | None]]) -> None:
-        """Add or delete (key, encoded verdict data or None) elements of a set or map, one message."""
+        """Add or delete (key, encoded verdict data or None) elements of a set or map, 256 per message."""
         encoded = [
             nested(LIST_ELEM, data_value(ELEM_KEY, key), *((value,) if value is not None else ()))
             for key, value in items
         ]
-        if not encoded:
-            return
         kind, flags = (NEWSETELEM, NLM_F_CREATE) if verb == "add" else (DELSETELEM, 0)
         attrs = (string(ELEM_LIST_TABLE, self._table), string(ELEM_LIST_SET, target))
-        self._add(kind, flags, *attrs, nested(ELEM_LIST_ELEMENTS, *encoded))
+        for start in range(0, len(encoded), ELEMENTS_PER_MESSAGE):  # a nested attribute holds at most 64 KiB
+            chunk = encoded[start : start + ELEMENTS_PER_MESSAGE]
+            self._add(kind, flags, *attrs, nested(ELEM_LIST_ELEMENTS, *chunk))
 
     def payload(self) -> bytes:
         """BATCH_BEGIN, the messages, BATCH_END; only the last message asks for an acknowledgement."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kproxyd.backends.nftables.netlink import (
     PROTOCOL_NUMBERS,
@@ -94,8 +93,7 @@ class Stmt(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Addr:
+class Addr(NamedTuple):
     """`ip daddr 10.0.0.1`, `ip saddr != 10.0.0.0/8`: an address or prefix match."""
 
     family: str
@@ -129,8 +127,7 @@ class Addr:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class AddrIn:
+class AddrIn(NamedTuple):
     """`ip daddr @set`: the address is in a named set."""
 
     family: str
@@ -148,8 +145,7 @@ class AddrIn:
         return payload(PAYLOAD_NETWORK, offset, _ADDR_LEN[self.family]), lookup(self.set)
 
 
-@dataclass(frozen=True, slots=True)
-class AddrNotInAnonymous:
+class AddrNotInAnonymous(NamedTuple):
     """`ip saddr != { a, b/24 }`: an anonymous set (written through `nft -f` only)."""
 
     family: str
@@ -166,8 +162,7 @@ class AddrNotInAnonymous:
         raise Unsupported("anonymous set")
 
 
-@dataclass(frozen=True, slots=True)
-class PortMatch:
+class PortMatch(NamedTuple):
     """`tcp dport 80`."""
 
     protocol: str
@@ -187,8 +182,7 @@ class PortMatch:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class L4Proto:
+class L4Proto(NamedTuple):
     """`meta l4proto tcp`."""
 
     protocol: str
@@ -203,8 +197,7 @@ class L4Proto:
         return meta(META_L4PROTO), cmp(CMP_EQ, bytes((PROTOCOL_NUMBERS[self.protocol],)))
 
 
-@dataclass(frozen=True, slots=True)
-class CtStateNew:
+class CtStateNew(NamedTuple):
     """`ct state new`."""
 
     @property
@@ -221,8 +214,7 @@ class CtStateNew:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class FibLocal:
+class FibLocal(NamedTuple):
     """`fib saddr type local` / `fib daddr type local`."""
 
     field: str
@@ -238,8 +230,7 @@ class FibLocal:
         return expr("fib", u32(1, REG_1), u32(2, FIB_ADDRTYPE), u32(3, flags)), cmp(CMP_EQ, _mark(RTN_LOCAL))
 
 
-@dataclass(frozen=True, slots=True)
-class IifName:
+class IifName(NamedTuple):
     """`iifname "eth0"`, `iifname != "veth*"` (a trailing * matches a prefix)."""
 
     name: str
@@ -257,8 +248,7 @@ class IifName:
         return meta(META_IIFNAME), cmp(CMP_NEQ if self.negate else CMP_EQ, value)
 
 
-@dataclass(frozen=True, slots=True)
-class Numgen:
+class Numgen(NamedTuple):
     """`numgen random mod N == 0`."""
 
     modulus: int
@@ -273,8 +263,7 @@ class Numgen:
         return expr("numgen", u32(1, REG_1), u32(2, self.modulus), u32(3, NUMGEN_RANDOM)), cmp(CMP_EQ, bytes(4))
 
 
-@dataclass(frozen=True, slots=True)
-class MarkClear:
+class MarkClear(NamedTuple):
     """`mark and M == 0`."""
 
     mask: int
@@ -289,8 +278,7 @@ class MarkClear:
         return meta(META_MARK), bitwise(_mark(self.mask), bytes(4)), cmp(CMP_EQ, bytes(4))
 
 
-@dataclass(frozen=True, slots=True)
-class MarkSet:
+class MarkSet(NamedTuple):
     """`mark set mark or M` / `mark set mark xor M`."""
 
     op: str
@@ -311,8 +299,7 @@ class MarkSet:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """`jump X`, `goto X`, `return`, `drop`."""
 
     verdict: str
@@ -328,8 +315,7 @@ class Verdict:
         return (immediate_verdict(self.verdict, self.chain),)
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(NamedTuple):
     """`reject`: ICMP(v6) port unreachable."""
 
     family: str
@@ -344,8 +330,7 @@ class Reject:
         return (expr("reject", u32(1, 0), attr(2, bytes((_PORT_UNREACHABLE[self.family],)))),)
 
 
-@dataclass(frozen=True, slots=True)
-class Masquerade:
+class Masquerade(NamedTuple):
     """`masquerade fully-random`."""
 
     @property
@@ -358,8 +343,7 @@ class Masquerade:
         return (expr("masq", u32(1, NAT_RANDOM_FULLY)),)
 
 
-@dataclass(frozen=True, slots=True)
-class Dnat:
+class Dnat(NamedTuple):
     """`dnat to 10.0.0.1:80` / `dnat to [fd00::1]:80`."""
 
     family: str
@@ -389,8 +373,7 @@ class Dnat:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateSet:
+class UpdateSet(NamedTuple):
     """`update @set { ip saddr }`: add or refresh the source address in a dynamic set."""
 
     family: str
@@ -408,8 +391,7 @@ class UpdateSet:
         return load, expr("dynset", u32(4, REG_1), u32(3, DYNSET_UPDATE), string(1, self.set))
 
 
-@dataclass(frozen=True, slots=True)
-class Vmap:
+class Vmap(NamedTuple):
     """`ip daddr . meta l4proto . th dport vmap @M` (family None: `meta l4proto . th dport vmap @M`)."""
 
     family: str | None
@@ -438,17 +420,32 @@ def _concat_register(offset: int) -> int:
     return REG_1 + offset // 16 if offset % 16 == 0 else REG32_00 + offset // 4
 
 
-@dataclass(frozen=True, slots=True)
 class Rule:
     """One rule: its nft text (what equality compares) and the statements it was rendered from."""
 
-    text: str
-    stmts: tuple[Stmt, ...] = field(compare=False)
-    comment: str | None = field(default=None, compare=False)
+    __slots__ = ("comment", "stmts", "text")
+
+    def __init__(self, text: str, stmts: tuple[Stmt, ...], comment: str | None = None) -> None:
+        """Use rule() to build one."""
+        self.text = text
+        self.stmts = stmts
+        self.comment = comment
 
     def __str__(self) -> str:
         """The rule as `nft -f` input (after `add rule FAMILY TABLE CHAIN`)."""
         return self.text
+
+    def __repr__(self) -> str:
+        """Rule('…text…')."""
+        return f"Rule({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        """Rules are equal when their text is."""
+        return isinstance(other, Rule) and other.text == self.text
+
+    def __hash__(self) -> int:
+        """The hash of the text."""
+        return hash(self.text)
 
     def expressions(self) -> list[bytes]:
         """The rule's netlink expression list."""
@@ -457,5 +454,5 @@ class Rule:
 
 def rule(*stmts: Stmt, comment: str | None = None) -> Rule:
     """A Rule of statements, with an optional comment."""
-    text = " ".join(stmt.text for stmt in stmts)
+    text = " ".join([stmt.text for stmt in stmts])
     return Rule(f'{text} comment "{comment}"' if comment else text, stmts, comment)

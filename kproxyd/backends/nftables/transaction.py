@@ -11,7 +11,7 @@ the vocabulary netlink.py knows, one nf_tables netlink batch.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kproxyd.backends.nftables.names import NODEPORT_IPS, TABLE
 from kproxyd.backends.nftables.netlink import Batch, Unsupported, element_key, element_verdict
@@ -115,12 +115,71 @@ def _netlink_set(batch: Batch, spec: SetSpec) -> None:
 
 
 def merged_elements(ports: Iterable[PortRules]) -> Elements:
-    """Every port's elements by set or map; a key two ports share is there once."""
+    """Every port's elements by set or map; a key two ports share is there once (the last port's)."""
     merged: Elements = {}
     for port in ports:
         for target, key, value in port.elements:
             merged.setdefault(target, {})[key] = value
     return merged
+
+
+@dataclass(slots=True)
+class TableElements:
+    """The port elements a table holds (merged_elements) and which ports own each, for partial syncs that
+    touch only the keys of the ports they rewrite (no walk over every port).
+    """
+
+    merged: Elements = field(default_factory=dict)
+    owners: dict[tuple[str, str], set[ServicePortName]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ports: Mapping[ServicePortName, PortRules]) -> TableElements:
+        """The elements of these ports."""
+        owners: dict[tuple[str, str], set[ServicePortName]] = {}
+        for name, port in ports.items():
+            for target, key, _ in port.elements:
+                owners.setdefault((target, key), set()).add(name)
+        return cls(merged_elements(ports.values()), owners)
+
+    def update(
+        self,
+        old: Mapping[ServicePortName, PortRules],
+        new: Mapping[ServicePortName, PortRules],
+        names: Iterable[ServicePortName],
+    ) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+        """Move ports `names` from old to new; returns (before, after) of each key that changed (None: absent)."""
+        touched: set[tuple[str, str]] = set()
+        for name in names:
+            for port, owning in ((old.get(name), False), (new.get(name), True)):
+                for target, key, _ in port.elements if port else ():
+                    touched.add((target, key))
+                    owners = self.owners.setdefault((target, key), set())
+                    owners.add(name) if owning else owners.discard(name)
+        changes: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        for target, key in touched:
+            value = _owned_value(new, self.owners[target, key], target, key)
+            if not self.owners[target, key]:
+                del self.owners[target, key]
+            before = self.merged.get(target, {}).get(key)
+            if before != value:
+                changes[target, key] = before, value
+                if value is None:
+                    del self.merged[target][key]
+                    if not self.merged[target]:
+                        del self.merged[target]
+                else:
+                    self.merged.setdefault(target, {})[key] = value
+        return changes
+
+
+def _owned_value(
+    ports: Mapping[ServicePortName, PortRules], owners: set[ServicePortName], target: str, key: str
+) -> str | None:
+    """The value of the last owning port in ports' order (as merged_elements), None without owners."""
+    if not owners:
+        return None
+    owner = next(iter(owners)) if len(owners) == 1 else [name for name in ports if name in owners][-1]
+    return next(v for t, k, v in ports[owner].elements if (t, k) == (target, key))
 
 
 def _element(key: str, value: str) -> str:
@@ -133,7 +192,7 @@ def full_sync(
     ports: Mapping[ServicePortName, PortRules],
     existing: TableObjects,
     recreate_base: bool,
-) -> Elements:
+) -> TableElements:
     """Rewrite the whole table into tx; returns the port elements it holds afterwards."""
     tx.command("add", "table", "", 'comment "rules for kube-proxy" ;')
     present = existing.chains
@@ -153,8 +212,8 @@ def full_sync(
     for port in ports.values():
         _add_sets(tx, port.affinity_sets)
         _rewrite_chains(tx, port.chains, present)
-    elements = merged_elements(ports.values())
-    for target, items in elements.items():
+    elements = TableElements.of(ports)
+    for target, items in elements.merged.items():
         tx.elements("add", target, list(items.items()))
     wanted = {name for name, _ in static.chains} | {name for port in ports.values() for name, _ in port.chains}
     wanted_sets = {spec.name for spec in static.sets}
@@ -168,9 +227,9 @@ def partial_sync(
     old: Mapping[ServicePortName, PortRules],
     new: Mapping[ServicePortName, PortRules],
     names: Collection[ServicePortName],
-    kernel_elements: Elements,
-) -> Elements:
-    """Rewrite the chains of the ports `names` into tx; returns the port elements the table holds after."""
+    elements: TableElements,
+) -> TableElements:
+    """Rewrite the chains of the ports `names` into tx; updates and returns the table's port elements."""
     stale_chains: set[str] = set()
     stale_sets: set[str] = set()
     for name in names:
@@ -187,8 +246,7 @@ def partial_sync(
         if before:
             stale_chains |= {chain for chain, _ in before.chains} - {chain for chain, _ in after_chains}
             stale_sets |= before_sets - {spec.name for spec in after.affinity_sets} if after else before_sets
-    elements = merged_elements(new.values())
-    _element_diff(tx, kernel_elements, elements)
+    _element_diff(tx, elements.update(old, new, names))
     _delete(tx, stale_chains, stale_sets)
     return elements
 
@@ -211,12 +269,12 @@ def _rewrite_chains(
         tx.rules(name, rules)
 
 
-def _element_diff(tx: Transaction, old: Elements, new: Elements) -> None:
-    """Delete the elements gone or changed, then add the new or changed ones."""
-    for target in sorted(old.keys() | new.keys()):
-        before, after = old.get(target, {}), new.get(target, {})
-        tx.elements("delete", target, [(key, "") for key, value in before.items() if after.get(key) != value])
-        tx.elements("add", target, [(key, value) for key, value in after.items() if before.get(key) != value])
+def _element_diff(tx: Transaction, changes: Mapping[tuple[str, str], tuple[str | None, str | None]]) -> None:
+    """Per set or map: delete the elements gone or changed, then add the new or changed ones."""
+    for target in sorted({target for target, _ in changes}):
+        keys = sorted(key for t, key in changes if t == target)
+        tx.elements("delete", target, [(key, "") for key in keys if changes[target, key][0] is not None])
+        tx.elements("add", target, [(key, v) for key in keys if (v := changes[target, key][1]) is not None])
 
 
 def _delete(tx: Transaction, chains: Collection[str], sets: Collection[str]) -> None:
