@@ -61,7 +61,7 @@ class Transaction:
 
     def rules(self, chain: str, rules: tuple[Rule, ...]) -> None:
         """Append rules to a chain."""
-        self.lines.extend(f"add rule {self._table} {chain} {rule}" for rule in rules)
+        self.lines.extend(f"add rule {self._table} {chain} {rule.text}" for rule in rules)
         self._ops.append((chain, rules))
 
     def elements(self, verb: str, target: str, items: list[tuple[str, str]]) -> None:
