@@ -484,15 +484,15 @@ def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
         "adds kproxyd's rendering and diffing. For nftables the cold \"tool\" time is the bare `nft -f` of the",
         "same ruleset.",
         "",
-        "| N | variant | cold: tool s / total s (total ÷ tool) | one-Service partial: tool ms / total ms | when |",
-        "|---|---|---|---|---|",
+        "| N | variant | cold: tool s / total s (total ÷ tool) | one-Service partial: tool ms / total ms | when | load |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["services"], r["variant"], r["when"])):
         cold, part = r["cold"], r["partial"]
         ratio = cold["total_s"] / cold["kernel_s"] if cold["kernel_s"] else float("nan")
         lines.append(
             f"| {r['services']} | {r['variant']} | {cold['kernel_s']:.2f} / {cold['total_s']:.2f} ({ratio:.2f}) "
-            f"| {part['kernel_s'] * 1000:.0f} / {part['total_s'] * 1000:.0f} | {r['when']} |"
+            f"| {part['kernel_s'] * 1000:.0f} / {part['total_s'] * 1000:.0f} | {r['when']} | {r.get('load', '?')} |"
         )
     return "\n".join(lines) + "\n"
 

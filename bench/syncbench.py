@@ -10,6 +10,7 @@ iptables-restore / nft -f on the text the renderer produced (the bare tool time 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,7 +170,8 @@ def main(argv: list[str]) -> int:
     out, n, wanted = Path(argv[0]), int(argv[1]), argv[2:]
     results = json.loads(out.read_text()) if out.exists() else []
     for variant in wanted:
-        result = {**measure(n, variant), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        load = round(os.getloadavg()[0], 1)  # the machine is shared: how busy it was when this started
+        result = {**measure(n, variant), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load": load}
         sys.stdout.write(json.dumps(result) + "\n")
         results.append(result)
         out.write_text(json.dumps(results, indent=1) + "\n")
