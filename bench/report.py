@@ -478,13 +478,14 @@ def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
         "",
         "## nftables writer: partial syncs as netlink batches",
         "",
-        f"`bench/syncbench.py {rel} N VARIANT…` (one run per row, the machine shared with other work): the",
-        "nftables backend writes a partial sync as one nf_tables netlink batch and a full sync through `nft -f`",
-        "(docs/design.md says why). \"tool\" is the time in `nft -f` / iptables-restore / the netlink send, \"total\"",
-        "adds kproxyd's rendering and diffing. For nftables the cold \"tool\" time is the bare `nft -f` of the",
-        "same ruleset.",
+        f"`bench/syncbench.py {rel} N VARIANT…` (one run per row, the machine shared with other",
+        "work; load: its 1-minute load average): the nftables backend writes a partial sync as one nf_tables",
+        "netlink batch and a full sync through `nft -f` (docs/design.md says why). 'tool' is the time in",
+        "`nft -f` / iptables-restore / the netlink send, 'total' adds kproxyd's rendering and diffing. For",
+        "nftables the cold 'tool' time is the bare `nft -f` of the same ruleset.",
         "",
-        "| N | variant | cold: tool s / total s (total ÷ tool) | one-Service partial: tool ms / total ms | when | load |",
+        "| N | variant | cold: tool s / total s (total ÷ tool) | one-Service partial: tool ms / total ms "
+        "| when | load |",
         "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["services"], r["variant"], r["when"])):
@@ -492,7 +493,8 @@ def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
         ratio = cold["total_s"] / cold["kernel_s"] if cold["kernel_s"] else float("nan")
         lines.append(
             f"| {r['services']} | {r['variant']} | {cold['kernel_s']:.2f} / {cold['total_s']:.2f} ({ratio:.2f}) "
-            f"| {part['kernel_s'] * 1000:.0f} / {part['total_s'] * 1000:.0f} | {r['when']} | {r.get('load', '?')} |"
+            f"| {part['kernel_s'] * 1000:.0f} / {part['total_s'] * 1000:.0f} "
+            f"| {r['when']} | {r.get('load', '?')} |"
         )
     return "\n".join(lines) + "\n"
 
