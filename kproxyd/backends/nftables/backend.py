@@ -127,12 +127,10 @@ class NftablesBackend:
         writer = "nft"
         if text and not full and self._kernel.netlink:
             try:
-                batch = tx.batch()
-            except Unsupported as why:
-                log.debug("partial sync through nft -f", reason=str(why))
-            else:
-                self._kernel.send(batch)
+                self._kernel.send(tx.batch())
                 writer = "netlink"
+            except Unsupported as why:  # nothing was sent: the same transaction goes as text
+                log.debug("partial sync through nft -f", reason=str(why))
         if text and writer == "nft":
             self._kernel.run(text)
         log.debug(

@@ -7,6 +7,7 @@ costs the same whatever the table holds. Attribute numbers are those of linux/ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -21,6 +22,8 @@ NLMSG_ERROR = 2
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFNL_SUBSYS_NFTABLES = 10
 NLA_F_NESTED = 0x8000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOCKET_BUFFER = 64 << 20  # a burst of changes can make a batch of several MB; one sendmsg carries it
 
 # nf_tables message types.
 NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSET, DELSET, NEWSETELEM, DELSETELEM = 3, 5, 6, 8, 9, 11, 12, 14
@@ -244,6 +247,10 @@ class NetlinkSocket:
             from kproxyd.lab.nsutil import socket_in_netns
 
             self._sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        for option in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+            # Without CAP_NET_ADMIN: the default buffers, and larger batches go through nft -f.
+            with contextlib.suppress(PermissionError):
+                self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         self._sock.bind((0, 0))
         self._sock.settimeout(30)
 
@@ -252,6 +259,8 @@ class NetlinkSocket:
         data = batch.payload()
         if not data:
             return
+        if len(data) > self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32:
+            raise Unsupported(f"a {len(data)}-byte batch exceeds the socket's send buffer")
         self._sock.sendall(data)
         last = len(batch.messages)
         while True:
