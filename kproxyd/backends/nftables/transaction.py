@@ -154,7 +154,10 @@ class TableElements:
                 for target, key, _ in port.elements if port else ():
                     touched.add((target, key))
                     owners = self.owners.setdefault((target, key), set())
-                    owners.add(name) if owning else owners.discard(name)
+                    if owning:
+                        owners.add(name)
+                    else:
+                        owners.discard(name)
         changes: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         for target, key in touched:
             value = _owned_value(new, self.owners[target, key], target, key)
