@@ -467,8 +467,41 @@ def _reading(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
+    """The nftables writer's table from the newest `bench/syncbench.py OUT N VARIANT…` file, "" without one."""
+    files = sorted(results_dir.glob("*-nft-netlink.json"))
+    if not files:
+        return ""
+    rows = json.loads(files[-1].read_text())
+    rel = files[-1].resolve().relative_to(ROOT)
+    lines = [
+        "",
+        "## nftables writer: partial syncs as netlink batches",
+        "",
+        f"`bench/syncbench.py {rel} N VARIANT…` (one run per row, the machine shared with other",
+        "work; load: its 1-minute load average): the nftables backend writes a partial sync as one nf_tables",
+        "netlink batch and a full sync through `nft -f` (docs/design.md says why). 'tool' is the time in",
+        "`nft -f` / iptables-restore / the netlink send, 'total' adds kproxyd's rendering and diffing. For",
+        "nftables the cold 'tool' time is the bare `nft -f` of the same ruleset.",
+        "",
+        "| N | variant | cold: tool s / total s (total ÷ tool) | one-Service partial: tool ms / total ms "
+        "| when | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["services"], r["variant"], r["when"])):
+        cold, part = r["cold"], r["partial"]
+        ratio = cold["total_s"] / cold["kernel_s"] if cold["kernel_s"] else float("nan")
+        lines.append(
+            f"| {r['services']} | {r['variant']} | {cold['kernel_s']:.2f} / {cold['total_s']:.2f} ({ratio:.2f}) "
+            f"| {part['kernel_s'] * 1000:.0f} / {part['total_s'] * 1000:.0f} "
+            f"| {r['when']} | {r.get('load', '?')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_docs(results: dict[str, Any], json_path: Path, name: str, extra: str = "") -> None:
     """Regenerate docs/benchmarks.md from a run."""
+    extra = extra or writer_section()
     m = results["machine"]
     rel = json_path.resolve().relative_to(ROOT)
     skipped = "".join(f"\n- N={s['services']} skipped: {s['reason']}." for s in results.get("skipped", []))

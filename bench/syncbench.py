@@ -9,19 +9,24 @@ iptables-restore / nft -f on the text the renderer produced (the bare tool time 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from kproxyd.backends.iptables.backend import DEFAULT_BATCH_CHAINS, IptablesBackend
 from kproxyd.backends.iptables.kernel import IptablesKernel, Variant
 from kproxyd.backends.nftables.backend import NftablesBackend
 from kproxyd.backends.nftables.kernel import NftKernel
+from kproxyd.backends.nftables.netlink import Batch
 from kproxyd.config import ProxyConfig
 from kproxyd.model import Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, ServiceType
 from kproxyd.plan import ServicePlan, plan_service_port
@@ -83,10 +88,10 @@ class TimedIptables(IptablesKernel):
 
 
 class TimedNft(NftKernel):
-    """An NftKernel counting its transactions, their time and their input size."""
+    """An NftKernel counting its transactions (nft -f text or netlink batches), their time and size."""
 
-    def __init__(self, prefix: tuple[str, ...]) -> None:
-        super().__init__(prefix)
+    def __init__(self, netns: str) -> None:
+        super().__init__(("ip", "netns", "exec", netns), netns=netns)
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +105,14 @@ class TimedNft(NftKernel):
         self.calls += 1
         self.kernel_s += time.perf_counter() - start
         self.bytes += len(text.encode())
+
+    def send(self, batch: Batch) -> None:
+        """Send and count."""
+        start = time.perf_counter()
+        super().send(batch)
+        self.calls += 1
+        self.kernel_s += time.perf_counter() - start
+        self.bytes += len(batch.payload())
 
 
 def variants(n: int) -> Iterator[str]:
@@ -133,7 +146,7 @@ def measure(n: int, variant: str) -> dict[str, Any]:
         kernel: TimedIptables | TimedNft
         backend: IptablesBackend | NftablesBackend
         if variant == "nftables":
-            kernel = TimedNft(prefix)
+            kernel = TimedNft(ns)
             backend = NftablesBackend(NFT_CONFIG, kernel, local_addresses=lambda _family: [])
         else:
             kernel = TimedIptables("nft" if variant == "iptables-nft" else "legacy", prefix)
@@ -150,3 +163,20 @@ def measure(n: int, variant: str) -> dict[str, Any]:
                 "bytes": kernel.bytes,
             }
     return result
+
+
+def main(argv: list[str]) -> int:
+    """`syncbench.py OUT.json N VARIANT...`: measure each variant at size N, append to OUT.json (a list)."""
+    out, n, wanted = Path(argv[0]), int(argv[1]), argv[2:]
+    results = json.loads(out.read_text()) if out.exists() else []
+    for variant in wanted:
+        load = round(os.getloadavg()[0], 1)  # the machine is shared: how busy it was when this started
+        result = {**measure(n, variant), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load": load}
+        sys.stdout.write(json.dumps(result) + "\n")
+        results.append(result)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -180,4 +180,9 @@ def changed_plans(
     old: Mapping[ServicePortName, ServicePlan], new: Mapping[ServicePortName, ServicePlan]
 ) -> set[ServicePortName]:
     """The ServicePorts whose plan differs between two syncs (added, removed or changed)."""
-    return {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
+    # Unchanged plans are the same objects (sync.py keeps them): identity first, equality only otherwise.
+    return {
+        name
+        for name in old.keys() | new.keys()
+        if (was := old.get(name)) is not (now := new.get(name)) and was != now
+    }

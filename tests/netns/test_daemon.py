@@ -254,3 +254,30 @@ def test_bad_flag_is_a_clear_startup_error(cluster: LabCluster) -> None:
     )
     assert proc.returncode == 2
     assert "--proxy-mode" in proc.stderr and "userspace" in proc.stderr
+
+
+def test_nftables_partial_syncs_go_as_netlink_batches(cluster: LabCluster) -> None:
+    """In nftables mode an endpoint change is written as one netlink batch, not through nft -f."""
+    mode = cluster.mode  # type: ignore[attr-defined]
+    if mode != "nftables":
+        pytest.skip("netlink batches are the nftables backend's writer")
+    cluster.stop_proxy("node1")
+    written = cluster.proxy_log("node1").count("nftables rules written")
+    cluster.start_proxy("node1", [f"--proxy-mode={mode}", "-v=4"])
+    web = ip_of(cluster, "web")
+    pods = {pod.name for pod in cluster.net.pods if pod.name.startswith("web-")}  # the module's app=web pods
+    wait_until(
+        lambda: cluster.proxy_log("node1").count("nftables rules written") > written, timeout=30, what="first sync"
+    )
+    wait_until(lambda: reaches(cluster, web, pods), timeout=30, what="traffic after the first sync")
+    cluster.add_pod("web-nl", "node1", {"app": "web"})
+    try:
+        wait_until(lambda: reaches(cluster, web, pods | {"web-nl"}), timeout=30, what="the new endpoint")
+        wait_until(
+            lambda: re.search(r"nftables rules written .*full=False.*writer=netlink", cluster.proxy_log("node1")),
+            timeout=10,
+            what="a partial sync logged as written by netlink",
+        )
+    finally:
+        cluster.delete_pod("web-nl")
+    wait_until(lambda: reaches(cluster, web, pods), timeout=30, what="the endpoint removed")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kproxyd.backends.nftables.names import endpoint_chain, port_chains
 from kproxyd.backends.nftables.render import NftRenderer, NftRenderOptions, PortRules
-from kproxyd.backends.nftables.transaction import TableObjects, Transaction, full_sync, partial_sync
+from kproxyd.backends.nftables.transaction import TableElements, TableObjects, Transaction, full_sync, partial_sync
 from kproxyd.model import Endpoint, ServicePortName, ServiceType
 from kproxyd.plan import ServicePlan
 from tests import model_factories
@@ -142,7 +142,7 @@ def test_partial_sync_sends_only_the_changed_port() -> None:
 def test_partial_sync_of_a_deleted_port_removes_its_elements_and_chains() -> None:
     old = ports(plans((svc(spn(), "172.30.0.41", node_port=30080), eps("10.180.0.1"))), OPTIONS)
     tx = Transaction("ip")
-    assert partial_sync(tx, old, {}, {spn()}, full_elements(old)) == {}
+    assert partial_sync(tx, old, {}, {spn()}, full_elements(old)) == TableElements()
     text = tx.text()
     assert "delete element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 }" in text
     assert "delete element ip kube-proxy cluster-ips { 172.30.0.41 }" in text
@@ -157,6 +157,19 @@ def test_partial_sync_without_change_sends_nothing() -> None:
     assert tx.text() == ""
 
 
-def full_elements(the_ports: dict[ServicePortName, PortRules]) -> dict[str, dict[str, str]]:
+def full_elements(the_ports: dict[ServicePortName, PortRules]) -> TableElements:
     tx = Transaction("ip")
     return full_sync(tx, NftRenderer(OPTIONS).static(), the_ports, TableObjects(), recreate_base=False)
+
+
+def test_partial_sync_keeps_a_key_two_ports_share_as_a_full_sync_would() -> None:
+    shared = svc(spn(name="a"), "172.30.0.41", external_ips=("192.0.2.1",))
+    other = svc(spn(name="b"), "172.30.0.42", external_ips=("192.0.2.1",))
+    both = plans((shared, eps("10.180.0.1")), (other, eps("10.180.0.2")))
+    for changed in (spn(name="a"), spn(name="b")):
+        old = ports(both, OPTIONS)
+        new = {name: port for name, port in old.items() if name != changed}
+        elements = partial_sync(Transaction("ip"), old, new, {changed}, full_elements(old))
+        assert elements == full_elements(new)
+        back = partial_sync(Transaction("ip"), new, old, {changed}, elements)
+        assert back.merged == full_elements(old).merged

@@ -302,7 +302,7 @@ class IptablesRenderer:
 
     def _write_internal_masquerade(self, nat: _NatLines, plan: ServicePlan, chains: ServiceChains) -> None:
         """Masquerade cluster-IP traffic from off-cluster sources (or all of it with masquerade_all)."""
-        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster)
+        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster, "")
         if source is None:
             return
         port = plan.port

@@ -1,4 +1,8 @@
-"""The nftables Backend: render plans (pure) and write them as one nft transaction per sync."""
+"""The nftables Backend: render plans (pure) and write them as one transaction per sync.
+
+A full sync goes through `nft -f`; a partial sync goes as one netlink batch (no cache of the table, so its
+cost does not grow with the table), or through `nft -f` when it holds something the encoder does not know.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from dataclasses import astuple
 import structlog
 
 from kproxyd.backends import FrontendCounter, WriteStats
-from kproxyd.backends.common import family_addresses
+from kproxyd.backends.common import family_addresses, gc_paused
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
 from kproxyd.backends.nftables.names import SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, port_chains
+from kproxyd.backends.nftables.netlink import Unsupported
 from kproxyd.backends.nftables.render import FAMILIES, IPV4, Family, NftRenderer, NftRenderOptions, PortRules
-from kproxyd.backends.nftables.transaction import Elements, Transaction, full_sync, partial_sync
+from kproxyd.backends.nftables.transaction import TableElements, Transaction, full_sync, partial_sync
 from kproxyd.config import ProxyConfig, local_traffic_detector
 from kproxyd.model import NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
@@ -61,7 +66,7 @@ class NftablesBackend:
         self._node: NodeInfo | None = None
         self._renderer: NftRenderer | None = None
         self._ports: dict[ServicePortName, PortRules] | None = None  # what the table holds; None: unknown
-        self._elements: Elements = {}
+        self._elements = TableElements()
         self._base_recreated = False
 
     @classmethod
@@ -78,7 +83,8 @@ class NftablesBackend:
         """Render and write; a full sync (also on a Node change or after a failure) rewrites the table."""
         try:
             if changed is None or self._ports is None or self._renderer is None or node != self._node:
-                return self._full_sync(plans, node)
+                with gc_paused():
+                    return self._full_sync(plans, node)
             return self._partial_sync(self._renderer, self._ports, plans, changed)
         except Exception:
             self._ports = None  # unknown after a failure: the next sync is a full one
@@ -118,9 +124,23 @@ class NftablesBackend:
 
     def _write(self, tx: Transaction, full: bool, ports: int) -> WriteStats:
         text = tx.text()
-        if text:
+        writer = "nft"
+        if text and not full and self._kernel.netlink:
+            try:
+                self._kernel.send(tx.batch())
+                writer = "netlink"
+            except Unsupported as why:  # nothing was sent: the same transaction goes as text
+                log.debug("partial sync through nft -f", reason=str(why))
+        if text and writer == "nft":
             self._kernel.run(text)
-        log.debug("nftables rules written", full=full, ports=ports, commands=len(tx.lines), bytes=len(text))
+        log.debug(
+            "nftables rules written",
+            full=full,
+            ports=ports,
+            commands=len(tx.lines),
+            bytes=len(text),
+            writer=writer,
+        )
         return WriteStats(bytes=len(text), lines=len(tx.lines))
 
     def connection_counters(self) -> list[FrontendCounter]:

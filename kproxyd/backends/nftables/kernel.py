@@ -1,12 +1,14 @@
-"""The nftables backend's contact with the kernel: `nft -f -` transactions, listing and deleting the table.
+"""The nftables backend's contact with the kernel: `nft -f -` transactions, netlink batches, listing, deleting.
 
-Thin on purpose: every command text comes from transaction.py; this module only runs the nft binary, in
-this namespace or behind a command prefix such as ("ip", "netns", "exec", NAME).
+Thin on purpose: every command comes from transaction.py; this module only runs the nft binary (in this
+namespace or behind a command prefix such as ("ip", "netns", "exec", NAME)) or sends a netlink batch on a
+socket of the same namespace. KPROXYD_NFT_WRITER=nft sends everything through `nft -f` (for debugging).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -15,6 +17,7 @@ import structlog
 
 from kproxyd.backends.common import refused_line
 from kproxyd.backends.nftables.names import TABLE
+from kproxyd.backends.nftables.netlink import Batch, NetlinkSocket
 from kproxyd.backends.nftables.transaction import TableObjects
 
 log = structlog.get_logger(__name__)
@@ -33,12 +36,35 @@ class NftError(RuntimeError):
         self.line_text = line_text
 
 
-class NftKernel:
-    """Runs the nft binary, optionally behind a command prefix (e.g. ip netns exec)."""
+WRITER_ENV = "KPROXYD_NFT_WRITER"
 
-    def __init__(self, prefix: Sequence[str] = (), nft: str = "nft") -> None:
-        """Run nft as prefix + argv."""
+
+class NftKernel:
+    """Runs the nft binary, optionally behind a command prefix (e.g. ip netns exec), and sends netlink batches."""
+
+    def __init__(self, prefix: Sequence[str] = (), nft: str = "nft", netns: str | None = None) -> None:
+        """Run nft as prefix + argv; netlink goes to netns (this namespace when None, and then only unprefixed)."""
         self._argv = (*prefix, nft)
+        self._netns = netns
+        self._socket: NetlinkSocket | None = None
+        wanted = os.environ.get(WRITER_ENV, "netlink") == "netlink"
+        self.netlink = wanted and (netns is not None or not prefix)
+
+    @classmethod
+    def in_netns(cls, netns: str) -> NftKernel:
+        """nft through `ip netns exec NETNS`, netlink on a socket opened in NETNS."""
+        return cls(prefix=("ip", "netns", "exec", netns), netns=netns)
+
+    def send(self, batch: Batch) -> None:
+        """Apply one netlink batch; atomic, raises NetlinkError on refusal."""
+        if self._socket is None:
+            self._socket = NetlinkSocket(self._netns)
+        try:
+            self._socket.send(batch)
+        except Exception:
+            self._socket.close()  # a fresh socket next time: no stale replies
+            self._socket = None
+            raise
 
     def run(self, text: str) -> None:
         """Apply one transaction with `nft -f -`; atomic, raises NftError on refusal."""

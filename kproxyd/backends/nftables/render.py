@@ -35,6 +35,28 @@ from kproxyd.backends.nftables.names import (
     endpoint_chain,
     port_chains,
 )
+from kproxyd.backends.nftables.rules import (
+    Addr,
+    AddrIn,
+    AddrNotInAnonymous,
+    CtStateNew,
+    Dnat,
+    FibLocal,
+    IifName,
+    L4Proto,
+    MarkClear,
+    MarkSet,
+    Masquerade,
+    Numgen,
+    PortMatch,
+    Reject,
+    Rule,
+    Stmt,
+    UpdateSet,
+    Vmap,
+    rule,
+)
+from kproxyd.backends.nftables.rules import Verdict as Action
 from kproxyd.model import Endpoint, LocalTrafficDetector
 from kproxyd.plan import ServicePlan, Verdict
 
@@ -81,21 +103,19 @@ BASE_CHAINS = (
 
 # kube-proxy's nftablesJumpChains, but the node's own traffic is checked for "no endpoints" after DNAT
 # (as iptables mode does): short-circuited external destinations of a Local-policy Service must pass.
-JUMPS = (
-    ("filter-input", "ct state new", NODEPORT_ENDPOINTS_CHECK),
-    ("filter-input", "ct state new", SERVICE_ENDPOINTS_CHECK),
-    ("filter-forward", "ct state new", SERVICE_ENDPOINTS_CHECK),
-    ("filter-output-post-dnat", "ct state new", SERVICE_ENDPOINTS_CHECK),
-    ("filter-prerouting", "ct state new", FIREWALL_CHECK),
-    ("filter-output", "ct state new", FIREWALL_CHECK),
-    ("nat-output", "", SERVICES),
-    ("nat-prerouting", "", SERVICES),
-    ("nat-postrouting", "", MASQUERADING),
-    ("filter-forward", "ct state new", CLUSTER_IPS_CHECK),
-    ("filter-output-post-dnat", "ct state new", CLUSTER_IPS_CHECK),
+JUMPS = (  # (from chain, only new connections, to chain)
+    ("filter-input", True, NODEPORT_ENDPOINTS_CHECK),
+    ("filter-input", True, SERVICE_ENDPOINTS_CHECK),
+    ("filter-forward", True, SERVICE_ENDPOINTS_CHECK),
+    ("filter-output-post-dnat", True, SERVICE_ENDPOINTS_CHECK),
+    ("filter-prerouting", True, FIREWALL_CHECK),
+    ("filter-output", True, FIREWALL_CHECK),
+    ("nat-output", False, SERVICES),
+    ("nat-prerouting", False, SERVICES),
+    ("nat-postrouting", False, MASQUERADING),
+    ("filter-forward", True, CLUSTER_IPS_CHECK),
+    ("filter-output-post-dnat", True, CLUSTER_IPS_CHECK),
 )
-
-_DESTINATION = "{addr} daddr . meta l4proto . th dport"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +140,26 @@ _COUNTED = (SERVICE_IPS, SERVICE_NODEPORTS)
 
 @dataclass(frozen=True, slots=True)
 class SetSpec:
-    """A named set or map: "set"/"map", its name, and the body of its declaration."""
+    """A named set or map: "set"/"map", its name, key type (": verdict" for a map) and options."""
 
     kind: str
     name: str
-    body: str
+    key: str
+    counter: bool = False
+    comment: str = ""
+    timeout: int | None = None  # seconds: a dynamic set whose entries expire
+
+    @property
+    def body(self) -> str:
+        """The body of its nft declaration, e.g. "type ipv4_addr ; flags dynamic,timeout ; timeout 10s ;"."""
+        parts = [f"type {self.key} ;"]
+        if self.timeout is not None:
+            parts.append(f"flags dynamic,timeout ; timeout {self.timeout}s ;")
+        if self.counter:
+            parts.append("counter ;")
+        if self.comment:
+            parts.append(f'comment "{self.comment}" ;')
+        return " ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +167,7 @@ class StaticRules:
     """The table's skeleton, rewritten on every full sync: base chains, top-level chains, sets and maps."""
 
     base_chains: tuple[BaseChain, ...]
-    chains: tuple[tuple[str, tuple[str, ...]], ...]
+    chains: tuple[tuple[str, tuple[Rule, ...]], ...]
     sets: tuple[SetSpec, ...]
     nodeport_ips: tuple[str, ...]
 
@@ -141,19 +176,19 @@ class StaticRules:
 class PortRules:
     """What one ServicePort owns in the table: its chains and rules, map/set elements, affinity sets."""
 
-    chains: tuple[tuple[str, tuple[str, ...]], ...]
+    chains: tuple[tuple[str, tuple[Rule, ...]], ...]
     elements: tuple[tuple[str, str, str], ...]  # (set or map, key, verdict; "" in a set)
     affinity_sets: tuple[SetSpec, ...] = ()
 
 
 @dataclass(slots=True)
 class _PortBuilder:
-    chains: dict[str, list[str]] = field(default_factory=dict)
+    chains: dict[str, list[Rule]] = field(default_factory=dict)
     elements: list[tuple[str, str, str]] = field(default_factory=list)
     sets: list[SetSpec] = field(default_factory=list)
 
-    def rule(self, chain: str, rule: str) -> None:
-        self.chains.setdefault(chain, []).append(rule)
+    def rule(self, chain: str, *stmts: Stmt, comment: str | None = None) -> None:
+        self.chains.setdefault(chain, []).append(rule(*stmts, comment=comment))
 
     def element(self, target: str, key: str, value: str = "") -> None:
         self.elements.append((target, key, value))
@@ -163,14 +198,14 @@ class _PortBuilder:
         return PortRules(chains, tuple(self.elements), tuple(self.sets))
 
 
-def _detector_matches(detector: LocalTrafficDetector | None, addr: str) -> tuple[str, str] | None:
+def _detector_matches(detector: LocalTrafficDetector | None, addr: str) -> tuple[Stmt, Stmt] | None:
     """kube-proxy's LocalTrafficDetector IfLocalNFT/IfNotLocalNFT, or None when not implemented."""
     pod = pod_traffic(detector, wildcard="*")
     if pod is None:
         return None
     if pod.by_source:
-        return f"{addr} saddr {pod.value}", f"{addr} saddr != {pod.value}"
-    return f'iifname "{pod.value}"', f'iifname != "{pod.value}"'
+        return Addr(addr, "saddr", pod.value), Addr(addr, "saddr", pod.value, negate=True)
+    return IifName(pod.value), IifName(pod.value, negate=True)
 
 
 class NftRenderer:
@@ -181,15 +216,16 @@ class NftRenderer:
         self._options = options
         self._addr = options.family.addr
         self._detector = _detector_matches(options.local_detector, self._addr)
-        self._off_cluster = None if self._detector is None else f" {self._detector[1]}"
+        self._off_cluster = None if self._detector is None else (self._detector[1],)
         self._node_ips = tuple(ipaddress.ip_address(ip) for ip in options.node_ips)
 
     def static(self) -> StaticRules:
         """The skeleton: base chains with their jumps, masquerading, the checks and dispatch by maps."""
-        chains: dict[str, list[str]] = {chain.name: [] for chain in BASE_CHAINS}
-        for source, match, target in JUMPS:
+        chains: dict[str, list[Rule]] = {chain.name: [] for chain in BASE_CHAINS}
+        for source, new_only, target in JUMPS:
             chains.setdefault(target, [])
-            chains[source].append(f"{match} jump {target}".strip())
+            jump = Action("jump", target)
+            chains[source].append(rule(CtStateNew(), jump) if new_only else rule(jump))
         chains.update(self._top_level_rules())
         return StaticRules(
             BASE_CHAINS,
@@ -198,30 +234,34 @@ class NftRenderer:
             self._options.nodeport_addresses or (),
         )
 
-    def _top_level_rules(self) -> dict[str, list[str]]:
-        addr, mark = self._addr, self._options.masquerade_mark
-        destination = _DESTINATION.format(addr=addr)
+    def _top_level_rules(self) -> dict[str, list[Rule]]:
+        addr, mark = self._addr, 1 << self._options.masquerade_bit
+        nodeports: tuple[Stmt, ...]
+        local_nodeports: tuple[Stmt, ...]
         if self._options.nodeport_addresses is None:
-            nodeports, local_nodeports = (
-                f"{addr} daddr != {self._options.family.loopback}",
-                "fib daddr type local ",
-            )
+            nodeports = (Addr(addr, "daddr", self._options.family.loopback, negate=True),)
+            local_nodeports = (FibLocal("daddr"), *nodeports)
         else:
-            nodeports, local_nodeports = f"{addr} daddr @{NODEPORT_IPS}", ""
+            nodeports = local_nodeports = (AddrIn(addr, "daddr", NODEPORT_IPS),)
         return {
-            MARK_FOR_MASQUERADE: [f"mark set mark or {mark}"],
-            MASQUERADING: [f"mark and {mark} == 0 return", f"mark set mark xor {mark}", "masquerade fully-random"],
+            MARK_FOR_MASQUERADE: [rule(MarkSet("or", mark))],
+            MASQUERADING: [
+                rule(MarkClear(mark), Action("return")),
+                rule(MarkSet("xor", mark)),
+                rule(Masquerade()),
+            ],
             CLUSTER_IPS_CHECK: [
-                f'{addr} daddr @{CLUSTER_IPS} reject comment "Reject traffic to invalid ports of ClusterIPs"'
+                rule(
+                    AddrIn(addr, "daddr", CLUSTER_IPS),
+                    Reject(addr),
+                    comment="Reject traffic to invalid ports of ClusterIPs",
+                )
             ],
-            REJECT_CHAIN: ["reject"],
-            SERVICE_ENDPOINTS_CHECK: [f"{destination} vmap @{NO_ENDPOINT_SERVICES}"],
-            NODEPORT_ENDPOINTS_CHECK: [f"{nodeports} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"],
-            FIREWALL_CHECK: [f"{destination} vmap @{FIREWALL_IPS}"],
-            SERVICES: [
-                f"{destination} vmap @{SERVICE_IPS}",
-                f"{local_nodeports}{nodeports} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
-            ],
+            REJECT_CHAIN: [rule(Reject(addr))],
+            SERVICE_ENDPOINTS_CHECK: [rule(Vmap(addr, NO_ENDPOINT_SERVICES))],
+            NODEPORT_ENDPOINTS_CHECK: [rule(*nodeports, Vmap(None, NO_ENDPOINT_NODEPORTS))],
+            FIREWALL_CHECK: [rule(Vmap(addr, FIREWALL_IPS))],
+            SERVICES: [rule(Vmap(addr, SERVICE_IPS)), rule(*local_nodeports, Vmap(None, SERVICE_NODEPORTS))],
         }
 
     def _sets(self) -> tuple[SetSpec, ...]:
@@ -230,7 +270,7 @@ class NftRenderer:
         nodeport = "inet_proto . inet_service : verdict"
         return tuple(
             # The dispatch maps count per element: new connections per frontend (kproxyd's extra metric).
-            SetSpec(kind, name, f'type {key} ;{" counter ;" if name in _COUNTED else ""} comment "{comment}" ;')
+            SetSpec(kind, name, key, counter=name in _COUNTED, comment=comment)
             for kind, name, key, comment in (
                 ("set", CLUSTER_IPS, addr_type, "Active ClusterIPs"),
                 ("set", NODEPORT_IPS, addr_type, "IPs that accept NodePort traffic"),
@@ -273,34 +313,35 @@ class NftRenderer:
 
     def _write_internal_masquerade(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """Masquerade cluster-IP traffic from off-cluster sources (or all of it with masquerade_all)."""
-        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster)
+        source = cluster_ip_masquerade(plan, self._options.masquerade_all, self._off_cluster, ())
         if source is None:
             return
         port = plan.port
         chain = chains.local if port.internal_policy_local else chains.cluster
-        match = f"{port.protocol.lower()} dport {port.port}{source}"
+        match = PortMatch(port.protocol.lower(), port.port)
         for ip in port.cluster_ips:
-            out.rule(chain, f"{self._addr} daddr {ip} {match} jump {MARK_FOR_MASQUERADE}")
+            out.rule(chain, Addr(self._addr, "daddr", ip), match, *source, Action("jump", MARK_FOR_MASQUERADE))
 
     def _write_external_chain(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """external-: masquerade (Cluster policy) or short-circuit local sources (Local), then the policy."""
-        ext = chains.external
+        ext, mark = chains.external, Action("jump", MARK_FOR_MASQUERADE)
         if not plan.short_circuit_local_sources:
-            out.rule(ext, f"jump {MARK_FOR_MASQUERADE}")
+            out.rule(ext, mark)
         else:
+            cluster = Action("goto", chains.cluster)
             if self._detector is not None:
-                out.rule(ext, f'{self._detector[0]} goto {chains.cluster} comment "short-circuit pod traffic"')
-            out.rule(ext, f'fib saddr type local jump {MARK_FOR_MASQUERADE} comment "masquerade local traffic"')
-            out.rule(ext, f'fib saddr type local goto {chains.cluster} comment "short-circuit local traffic"')
+                out.rule(ext, self._detector[0], cluster, comment="short-circuit pod traffic")
+            out.rule(ext, FibLocal("saddr"), mark, comment="masquerade local traffic")
+            out.rule(ext, FibLocal("saddr"), cluster, comment="short-circuit local traffic")
         if plan.external_verdict is None:
-            out.rule(ext, f"goto {chains.local if plan.port.external_policy_local else chains.cluster}")
+            out.rule(ext, Action("goto", chains.local if plan.port.external_policy_local else chains.cluster))
 
     def _write_firewall_chain(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """firewall-: drop what loadBalancerSourceRanges does not admit (the node's own LB IPs admitted)."""
         port = plan.port
         ranges = [cidr.strip() for cidr in port.load_balancer_source_ranges]
         sources = firewall_sources(ranges, port.load_balancer_ips, self._node_ips)
-        out.rule(chains.firewall, f"{self._addr} saddr != {{ {', '.join(sources)} }} drop")
+        out.rule(chains.firewall, AddrNotInAnonymous(self._addr, "saddr", tuple(sources)), Action("drop"))
 
     def _write_dispatch(
         self,
@@ -313,22 +354,21 @@ class NftRenderer:
         """A service-/local- chain: affinity checks, then a uniform random spread over the endpoints."""
         if plan.port.session_affinity_timeout is not None:
             for ep in endpoints:
-                out.rule(chain, f"{self._addr} saddr @{affinity_set(plan.name, ep)} goto {seps[ep]}")
+                out.rule(chain, AddrIn(self._addr, "saddr", affinity_set(plan.name, ep)), Action("goto", seps[ep]))
         last = len(endpoints) - 1
         for i, ep in enumerate(endpoints):
-            spread = "" if i == last else f"numgen random mod {last + 1 - i} == 0 "
-            out.rule(chain, f"{spread}goto {seps[ep]}")
+            spread = () if i == last else (Numgen(last + 1 - i),)
+            out.rule(chain, *spread, Action("goto", seps[ep]))
 
     def _write_endpoint(self, out: _PortBuilder, plan: ServicePlan, ep: Endpoint, sep: str) -> None:
         """An endpoint- chain: masquerade hairpin traffic, remember affinity, DNAT to the endpoint."""
-        out.rule(sep, f"{self._addr} saddr {ep.ip} jump {MARK_FOR_MASQUERADE}")
+        out.rule(sep, Addr(self._addr, "saddr", ep.ip), Action("jump", MARK_FOR_MASQUERADE))
         timeout = plan.port.session_affinity_timeout
         if timeout is not None:
             name = affinity_set(plan.name, ep)
-            body = f"type {self._options.family.addr_type} ; flags dynamic,timeout ; timeout {timeout}s ;"
-            out.sets.append(SetSpec("set", name, body))
-            out.rule(sep, f"update @{name} {{ {self._addr} saddr }}")
-        out.rule(sep, f"meta l4proto {plan.port.protocol.lower()} dnat to {ep.address}")
+            out.sets.append(SetSpec("set", name, self._options.family.addr_type, timeout=timeout))
+            out.rule(sep, UpdateSet(self._addr, name))
+        out.rule(sep, L4Proto(plan.port.protocol.lower()), Dnat(self._addr, ep.ip, ep.port))
 
     def _write_elements(self, out: _PortBuilder, plan: ServicePlan, chains: PortChains) -> None:
         """The port's destinations in the dispatch maps, or in the no-endpoint maps with their verdict."""

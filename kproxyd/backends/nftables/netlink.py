@@ -1,0 +1,286 @@
+"""nf_tables netlink messages for the kube-proxy table, and a socket that sends them as one batch.
+
+The encoding half is pure (bytes out, no kernel). Every object is named, never looked up by handle: the
+kernel resolves table, chain, set and jump-target names itself, so a write needs no cache of the table and
+costs the same whatever the table holds. Attribute numbers are those of linux/netfilter/nf_tables.h.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+
+# Netlink and nfnetlink framing.
+NETLINK_NETFILTER = 12
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+NLMSG_ERROR = 2
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFNL_SUBSYS_NFTABLES = 10
+NLA_F_NESTED = 0x8000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOCKET_BUFFER = 64 << 20  # a burst of changes can make a batch of several MB; one sendmsg carries it
+
+# nf_tables message types.
+NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSET, DELSET, NEWSETELEM, DELSETELEM = 3, 5, 6, 8, 9, 11, 12, 14
+
+# Attributes: chain, rule, expression list, set element list, set element, data, verdict.
+CHAIN_TABLE, CHAIN_NAME = 1, 3
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS, RULE_USERDATA = 1, 2, 4, 7
+LIST_ELEM, EXPR_NAME, EXPR_DATA = 1, 1, 2
+ELEM_LIST_TABLE, ELEM_LIST_SET, ELEM_LIST_ELEMENTS = 1, 2, 3
+ELEM_KEY, ELEM_DATA = 1, 2
+DATA_VALUE, DATA_VERDICT = 1, 2
+VERDICT_CODE, VERDICT_CHAIN = 1, 2
+SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_ID, SET_TIMEOUT = 1, 2, 3, 4, 5, 10, 11
+
+# Verdict codes (signed, sent as big-endian 32 bits).
+VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
+
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+NFPROTO = {"ip": 2, "ip6": 10}
+ELEMENTS_PER_MESSAGE = 256
+NFPROTO_NAMES = {value: key for key, value in NFPROTO.items()}
+
+
+class Unsupported(ValueError):
+    """Something outside the vocabulary this encoder knows; write it as `nft -f` text instead."""
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+
+def nested(kind: int, *children: bytes) -> bytes:
+    """A nested attribute holding already-encoded attributes."""
+    return attr(kind | NLA_F_NESTED, b"".join(children))
+
+
+def u32(kind: int, value: int) -> bytes:
+    """A big-endian 32-bit attribute (nf_tables sends every number so)."""
+    return attr(kind, struct.pack(">i" if value < 0 else ">I", value))
+
+
+def string(kind: int, value: str) -> bytes:
+    """A NUL-terminated string attribute."""
+    return attr(kind, value.encode() + b"\0")
+
+
+def data_value(kind: int, value: bytes) -> bytes:
+    """An nft_data attribute holding a value."""
+    return nested(kind, attr(DATA_VALUE, value))
+
+
+def verdict_data(kind: int, verdict: str, chain: str = "") -> bytes:
+    """An nft_data attribute holding a verdict, naming its chain for jump and goto."""
+    parts = [u32(VERDICT_CODE, VERDICTS[verdict])]
+    if chain:
+        parts.append(string(VERDICT_CHAIN, chain))
+    return nested(kind, nested(DATA_VERDICT, *parts))
+
+
+def expr(name: str, *attrs: bytes) -> bytes:
+    """One element of a rule's expression list."""
+    return nested(LIST_ELEM, string(EXPR_NAME, name), nested(EXPR_DATA, *attrs))
+
+
+def comment_userdata(comment: str) -> bytes:
+    """The rule userdata nft stores a comment in: TLV type 0, length, text with NUL."""
+    text = comment.encode() + b"\0"
+    return bytes((0, len(text))) + text
+
+
+def address(ip: str) -> bytes:
+    """An IPv4 or IPv6 address in network byte order."""
+    return ipaddress.ip_address(ip).packed
+
+
+def element_key(key: str) -> bytes:
+    """A set element key as nft writes it: "10.0.0.1", "10.0.0.1 . tcp . 80", "udp . 30053".
+
+    A single address is its bytes; each part of a concatenation takes a multiple of 4 bytes.
+    """
+    parts = key.split(" . ")
+    if len(parts) == 1:
+        return address(key)
+    return b"".join(_key_part(part) for part in parts)
+
+
+def _key_part(part: str) -> bytes:
+    if part in PROTOCOL_NUMBERS:
+        return bytes((PROTOCOL_NUMBERS[part], 0, 0, 0))
+    if part.isdigit():
+        return struct.pack(">H", int(part)) + b"\0\0"
+    return address(part)
+
+
+def element_verdict(value: str) -> bytes | None:
+    """A map element's verdict data ("goto CHAIN", "drop"); None for a set element ("")."""
+    if not value:
+        return None
+    verdict, _, chain = value.partition(" ")
+    if verdict not in VERDICTS:
+        raise Unsupported(f"verdict {value!r}")
+    return verdict_data(ELEM_DATA, verdict, chain)
+
+
+def message(kind: int, family: str, flags: int, seq: int, *attrs: bytes) -> bytes:
+    """One nf_tables message: nlmsghdr, nfgenmsg (family, version 0, res_id 0), attributes."""
+    body = struct.pack("=BBH", NFPROTO[family], 0, 0) + b"".join(attrs)
+    kind |= NFNL_SUBSYS_NFTABLES << 8
+    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
+
+
+def _batch_marker(kind: int, seq: int) -> bytes:
+    body = struct.pack("=BBH", 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+
+
+class Batch:
+    """The messages of one nf_tables transaction against one table; the kernel applies all or none."""
+
+    def __init__(self, family: str, table: str) -> None:
+        """Messages address `family table` by name."""
+        self.family = family
+        self._table = table
+        self.messages: list[bytes] = []
+
+    def _add(self, kind: int, flags: int, *attrs: bytes) -> None:
+        self.messages.append(message(kind, self.family, flags, len(self.messages) + 1, *attrs))
+
+    def add_chain(self, name: str) -> None:
+        """`add chain`: create a regular chain unless it exists."""
+        self._add(NEWCHAIN, NLM_F_CREATE, string(CHAIN_TABLE, self._table), string(CHAIN_NAME, name))
+
+    def delete_chain(self, name: str) -> None:
+        """`delete chain` by name."""
+        self._add(DELCHAIN, 0, string(CHAIN_TABLE, self._table), string(CHAIN_NAME, name))
+
+    def flush_chain(self, name: str) -> None:
+        """`flush chain`: delete every rule of the chain (DELRULE naming only the chain)."""
+        self._add(DELRULE, 0, string(RULE_TABLE, self._table), string(RULE_CHAIN, name))
+
+    def add_rule(self, chain: str, expressions: Sequence[bytes], comment: str | None = None) -> None:
+        """`add rule`: append a rule of encoded expressions, with nft's comment userdata."""
+        attrs = [
+            string(RULE_TABLE, self._table),
+            string(RULE_CHAIN, chain),
+            nested(RULE_EXPRESSIONS, *expressions),
+        ]
+        if comment is not None:
+            attrs.append(attr(RULE_USERDATA, comment_userdata(comment)))
+        self._add(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, *attrs)
+
+    def add_set(self, name: str, key_type: int, key_len: int, flags: int, timeout_ms: int | None) -> None:
+        """`add set` of a plain key (no data, no expressions), created unless it exists."""
+        attrs = [
+            string(SET_TABLE, self._table),
+            string(SET_NAME, name),
+            u32(SET_FLAGS, flags),
+            u32(SET_KEY_TYPE, key_type),
+            u32(SET_KEY_LEN, key_len),
+            u32(SET_ID, len(self.messages) + 1),
+        ]
+        if timeout_ms is not None:
+            attrs.append(attr(SET_TIMEOUT, struct.pack(">Q", timeout_ms)))
+        self._add(NEWSET, NLM_F_CREATE, *attrs)
+
+    def delete_set(self, name: str) -> None:
+        """`delete set` (or map) by name."""
+        self._add(DELSET, 0, string(SET_TABLE, self._table), string(SET_NAME, name))
+
+    def elements(self, verb: str, target: str, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """Add or delete (key, encoded verdict data or None) elements of a set or map, 256 per message."""
+        encoded = [
+            nested(LIST_ELEM, data_value(ELEM_KEY, key), *((value,) if value is not None else ()))
+            for key, value in items
+        ]
+        kind, flags = (NEWSETELEM, NLM_F_CREATE) if verb == "add" else (DELSETELEM, 0)
+        attrs = (string(ELEM_LIST_TABLE, self._table), string(ELEM_LIST_SET, target))
+        for start in range(0, len(encoded), ELEMENTS_PER_MESSAGE):  # a nested attribute holds at most 64 KiB
+            chunk = encoded[start : start + ELEMENTS_PER_MESSAGE]
+            self._add(kind, flags, *attrs, nested(ELEM_LIST_ELEMENTS, *chunk))
+
+    def payload(self) -> bytes:
+        """BATCH_BEGIN, the messages, BATCH_END; only the last message asks for an acknowledgement."""
+        if not self.messages:
+            return b""
+        last = bytearray(self.messages[-1])
+        struct.pack_into("=H", last, 6, struct.unpack_from("=H", last, 6)[0] | NLM_F_ACK)
+        end = len(self.messages) + 1
+        return b"".join(
+            (
+                _batch_marker(NFNL_MSG_BATCH_BEGIN, 0),
+                *self.messages[:-1],
+                last,
+                _batch_marker(NFNL_MSG_BATCH_END, end),
+            )
+        )
+
+
+class NetlinkError(RuntimeError):
+    """The kernel refused a batch; nothing of it was applied."""
+
+    def __init__(self, code: int, seq: int) -> None:
+        """Keep the errno and the sequence number (1-based message index) of the refused message."""
+        super().__init__(
+            f"nf_tables refused message {seq}: {os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        )
+        self.code = code
+        self.seq = seq
+
+
+class NetlinkSocket:
+    """A NETLINK_NETFILTER socket (in a named namespace or this one) that sends batches and reads acks."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        """Open the socket, in network namespace netns when given."""
+        if netns is None:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        else:
+            from kproxyd.lab.nsutil import socket_in_netns
+
+            self._sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        for option in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+            # Without CAP_NET_ADMIN: the default buffers, and larger batches go through nft -f.
+            with contextlib.suppress(PermissionError):
+                self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(30)
+
+    def send(self, batch: Batch) -> None:
+        """Send one batch and wait for the kernel's verdict on it; raises NetlinkError on refusal."""
+        data = batch.payload()
+        if not data:
+            return
+        if len(data) > self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32:
+            raise Unsupported(f"a {len(data)}-byte batch exceeds the socket's send buffer")
+        self._sock.sendall(data)
+        last = len(batch.messages)
+        while True:
+            reply = self._sock.recv(65536)
+            for seq, code in _acks(reply):
+                if code:
+                    raise NetlinkError(code, seq)
+                if seq == last:
+                    return
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+
+def _acks(reply: bytes) -> Iterable[tuple[int, int]]:
+    """(sequence number, errno or 0) of every NLMSG_ERROR in a reply buffer."""
+    offset = 0
+    while offset + 16 <= len(reply):
+        length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", reply, offset)
+        if kind == NLMSG_ERROR:
+            yield seq, -struct.unpack_from("=i", reply, offset + 16)[0]
+        offset += max(16, (length + 3) & ~3)
