@@ -26,6 +26,10 @@ from kproxyd.tracker import FanOut, ProxyStateTracker
 log = structlog.get_logger(__name__)
 
 INFORMER_SYNC_TIMEOUT = 60.0
+# The modes whose leftovers a starting mode keeps: ipvs mode writes into iptables mode's shared chains
+# (KUBE-SERVICES, KUBE-POSTROUTING...), so cleaning iptables mode would delete its own rules; kube-proxy
+# does not clean iptables mode in ipvs mode either.
+_KEEP_ON_START = {"iptables": ("iptables",), "nftables": ("nftables",), "ipvs": ("ipvs", "iptables")}
 
 
 def proxy_families(config: ProxyConfig) -> tuple[int, ...]:
@@ -33,8 +37,20 @@ def proxy_families(config: ProxyConfig) -> tuple[int, ...]:
     return (4, 6) if os.path.exists("/proc/net/if_inet6") else (4,)
 
 
+def require_mode(config: ProxyConfig) -> None:
+    """Refuse, with BackendUnavailableError saying why, a mode this kernel cannot run (ipvs without IPVS)."""
+    if config.mode == "ipvs":
+        from kproxyd.backends.ipvs.kernel import require_ipvs
+
+        require_ipvs()
+
+
 def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
     """The dataplane backend for the configured mode and one IP family."""
+    if config.mode == "ipvs":
+        from kproxyd.backends.ipvs.backend import IpvsBackend
+
+        return IpvsBackend.for_config(config, family)
     if config.mode == "nftables":
         from kproxyd.backends.nftables.backend import NftablesBackend
 
@@ -45,8 +61,12 @@ def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
 
 
 def cleanup(config: ProxyConfig, modes: Iterable[str] = PROXY_MODES) -> int:
-    """--cleanup: remove everything the given kproxyd modes (all of them by default) programmed here."""
-    for mode in modes:
+    """--cleanup: remove everything the given kproxyd modes (all of them by default) programmed here.
+
+    ipvs goes first: its rules use chains iptables mode shares (KUBE-MARK-MASQ...), which iptables mode's
+    cleanup can delete only once nothing of ipvs mode refers to them.
+    """
+    for mode in sorted(modes, key=lambda mode: mode != "ipvs"):
         make_backend(replace(config, mode=mode)).cleanup()
     log.info("cleanup done", modes=list(modes))
     return 0
@@ -57,6 +77,7 @@ class Daemon:
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
+        require_mode(config)
         self.metrics = ProxyMetrics()
         families = proxy_families(config)
         trackers = {f: ProxyStateTracker(config.hostname, family=f, on_change=self._changed) for f in families}
@@ -130,7 +151,7 @@ class Daemon:
             raise failure
         if not self._other_modes_removed:
             # Only now that this mode's rules are in place: the old mode kept traffic flowing meanwhile.
-            cleanup(self.config, [mode for mode in PROXY_MODES if mode != self.config.mode])
+            cleanup(self.config, [mode for mode in PROXY_MODES if mode not in _KEEP_ON_START[self.config.mode]])
             self._other_modes_removed = True
 
     def start(self) -> None:
