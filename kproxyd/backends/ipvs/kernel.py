@@ -343,10 +343,14 @@ class IpsetError(RuntimeError):
 class Ipset:
     """The ipset command: read our sets, restore changes, destroy sets."""
 
+    def __init__(self, prefix: Sequence[str] = ()) -> None:
+        """Run ipset as prefix + argv (e.g. ip netns exec NAME)."""
+        self._prefix = tuple(prefix)
+
     def sets(self, wanted: Iterable[str]) -> dict[str, set[str]]:
         """The members of those of the wanted sets that exist."""
         names_ = set(wanted)
-        proc = _run(["ipset", "save"])
+        proc = _run([*self._prefix, "ipset", "save"])
         if proc.returncode != 0:
             raise IpsetError(f"ipset save: {proc.stderr.strip()}")
         members: dict[str, set[str]] = {}
@@ -363,7 +367,7 @@ class Ipset:
         """ipset restore -exist: creating an existing set or adding a present member is no error."""
         if not text:
             return
-        proc = _run(["ipset", "restore", "-exist"], text)
+        proc = _run([*self._prefix, "ipset", "restore", "-exist"], text)
         if proc.returncode != 0:
             raise IpsetError(f"ipset restore: {proc.stderr.strip()}")
 
@@ -371,11 +375,11 @@ class Ipset:
         """Destroy these sets where they exist (a set still referenced by a rule stays, with a warning)."""
         present = set(self.sets(sets))
         for name in sorted(present):
-            proc = _run(["ipset", "destroy", name])
+            proc = _run([*self._prefix, "ipset", "destroy", name])
             if proc.returncode != 0:
                 log.warning("ipset not destroyed", set=name, error=proc.stderr.strip())
 
 
-def iptables_kernel(variant: Variant, family: int) -> IptablesKernel:
+def iptables_kernel(variant: Variant, family: int, prefix: Sequence[str] = ()) -> IptablesKernel:
     """An iptables kernel whose ensure_jumps creates IPVS mode's chains and jumps."""
-    return IptablesKernel(variant, family=family, jumps=(*SHARED_JUMPS, *IPVS_JUMPS), chains=_CHAINS)
+    return IptablesKernel(variant, prefix, family, jumps=(*SHARED_JUMPS, *IPVS_JUMPS), chains=_CHAINS)
