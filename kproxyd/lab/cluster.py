@@ -6,6 +6,7 @@ reaches it the way a real node reaches its control plane. The demo and the tests
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -31,9 +32,13 @@ CLUSTER_CIDR = "10.244.0.0/16,fd00:244::/32"
 T = TypeVar("T")
 
 
+# Inside the emulated test kernel (tests/guest, qemu TCG) everything is 5-10x slower, kproxyd's start most.
+TIMEOUT_SCALE = 10.0 if os.environ.get("KPROXYD_GUEST") else 1.0
+
+
 def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> T:
     """Poll check() until it returns something truthy; raise TimeoutError naming what was awaited."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * TIMEOUT_SCALE
     last: T = check()
     while not last:
         if time.monotonic() > deadline:

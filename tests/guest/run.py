@@ -83,7 +83,11 @@ def unpacked(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{package}={version}"], cwd=tmp, check=True)
+        subprocess.run(
+            ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{package}={version}"],
+            cwd=tmp,
+            check=True,
+        )
         (deb,) = Path(tmp).glob("*.deb")
         tree = Path(tmp) / "tree"
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
@@ -148,8 +152,14 @@ def build_initramfs(kernel: KernelTree, out: Path) -> Path:
         (root / "modules" / "order").write_text("".join(f"{path.name}\n" for path in files))
         listing = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
         with open(out, "wb") as cpio:
-            subprocess.run([str(busybox), "cpio", "-o", "-H", "newc"], cwd=root, input=listing, stdout=cpio,
-                           stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                [str(busybox), "cpio", "-o", "-H", "newc"],
+                cwd=root,
+                input=listing,
+                stdout=cpio,
+                stderr=subprocess.DEVNULL,
+                check=True,
+            )
     return out
 
 

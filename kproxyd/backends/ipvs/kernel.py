@@ -88,9 +88,12 @@ def require_ipvs() -> None:
 
 
 def _modprobe(module: str) -> None:
+    """Load a module with the helper the kernel itself runs for module requests (else modprobe)."""
+    helper = Path("/proc/sys/kernel/modprobe")
+    binary = helper.read_text().strip() if helper.exists() else ""
     # No modprobe, or no modules: what is built in is all there is.
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run(["modprobe", "-q", module], capture_output=True, check=False, timeout=10)
+        subprocess.run([binary or "modprobe", "-q", module], capture_output=True, check=False, timeout=10)
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
