@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kproxyd.backends.ipvs.backend import IpvsBackend
-from kproxyd.backends.ipvs.kernel import ipvs_available
+from kproxyd.backends.ipvs.kernel import ipvs_available, kernel_version
 from kproxyd.cli import parse_config
 from kproxyd.config import ConfigError, ProxyConfig, load_config_file
 
@@ -84,3 +84,7 @@ def test_cleanup_is_a_no_op_without_ipvs() -> None:
 
     backend = IpvsBackend(ProxyConfig(), iptables=Untouchable(), ipset=Untouchable(), link=Untouchable())  # type: ignore[arg-type]
     backend.cleanup()
+
+
+def test_kernel_version() -> None:
+    assert kernel_version("6.1.0-56-amd64") == (6, 1) and kernel_version("4.19.0") < (5, 9)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
+import re
 import socket
 import struct
 import subprocess
@@ -43,11 +45,13 @@ _MODULES = ("ip_vs", "nf_conntrack")
 # kube-proxy's sysctls for IPVS mode (pkg/proxy/ipvs/proxier.go NewProxier).
 _SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",  # keep conntrack for IPVS connections, or masquerading fails
-    "net/ipv4/vs/conn_reuse_mode": "0",
     "net/ipv4/vs/expire_nodest_conn": "1",  # end flows to a deleted real server at their next packet
     "net/ipv4/vs/expire_quiescent_template": "1",  # persistence templates of weight-0 servers expire
     "net/ipv4/ip_forward": "1",
 }
+# Before 5.9, reusing a connection's port stalled for a second unless conn_reuse_mode=0; kube-proxy sets it
+# there only: on later kernels mode 0 sends a reused port to its old real server, past NAT and masquerade.
+_OLD_KERNEL_SYSCTLS = {"net/ipv4/vs/conn_reuse_mode": "0"}
 _STRICT_ARP = {"net/ipv4/conf/all/arp_ignore": "1", "net/ipv4/conf/all/arp_announce": "2"}
 
 # Jumps shared with iptables mode use its spelling, so either mode finds and keeps them.
@@ -100,11 +104,19 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel (or of a `uname -r` string)."""
+    numbers = re.findall(r"\d+", release if release is not None else os.uname().release)
+    return (int(numbers[0]), int(numbers[1])) if len(numbers) >= 2 else (0, 0)
+
+
 def prepare_kernel(scheduler: str, strict_arp: bool) -> None:
     """Load the scheduler's module and set kube-proxy's IPVS sysctls, writing only what differs."""
     for module in (*_MODULES, f"ip_vs_{scheduler}"):
         _modprobe(module)
-    for key, value in {**_SYSCTLS, **(_STRICT_ARP if strict_arp else {})}.items():
+    old_kernel = kernel_version() < (5, 9)
+    wanted = {**_SYSCTLS, **(_OLD_KERNEL_SYSCTLS if old_kernel else {}), **(_STRICT_ARP if strict_arp else {})}
+    for key, value in wanted.items():
         path = Path("/proc/sys") / key
         if path.exists() and path.read_text().strip() != value:
             path.write_text(value)
