@@ -6,7 +6,6 @@ reaches it the way a real node reaches its control plane. The demo and the tests
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import structlog
 
 from kproxyd.lab.apiserver import LabApiServer, write_kubeconfig
 from kproxyd.lab.controller import EndpointsController
-from kproxyd.lab.netlab import LabNode, LabPod, NetLab, Reply
+from kproxyd.lab.netlab import TIMEOUT_SCALE, LabNode, LabPod, NetLab, Reply
 from kproxyd.lab.nsutil import socket_in_netns
 from kproxyd.lab.store import ObjectStore, now_rfc3339
 
@@ -30,10 +29,6 @@ log = structlog.get_logger(__name__)
 API_PORT = 6443
 CLUSTER_CIDR = "10.244.0.0/16,fd00:244::/32"
 T = TypeVar("T")
-
-
-# Inside the emulated test kernel (tests/guest, qemu TCG) everything is 5-10x slower, kproxyd's start most.
-TIMEOUT_SCALE = 10.0 if os.environ.get("KPROXYD_GUEST") else 1.0
 
 
 def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> T:

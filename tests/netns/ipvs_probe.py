@@ -6,7 +6,6 @@ Used by test_ipvs_backend.py through `ip netns exec`: pyroute2 acts on the proce
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from kproxyd.backends.ipvs.backend import IpvsBackend
@@ -51,7 +50,7 @@ def main() -> None:
     steps["drained"] = snapshot(kernel)
     backend.cleanup()
     steps["cleaned"] = snapshot(kernel)
-    json.dump(steps, sys.stdout)
+    print(json.dumps(steps))  # the last line: logs may come before it
 
 
 if __name__ == "__main__":

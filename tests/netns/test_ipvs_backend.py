@@ -23,7 +23,7 @@ def probe(netns: str) -> dict[str, dict[str, object]]:
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.netns.ipvs_probe"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(json.loads(proc.stdout))
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def test_sync_partial_sync_drain_and_cleanup(probe: dict[str, dict[str, object]]) -> None:

@@ -80,6 +80,7 @@ class IpvsBackend:
         self._iptables_kernel = iptables
         self._family = family
         self._kernel = kernel or IpvsKernel(family)
+        self._counter_kernel = IpvsKernel(family)  # its own socket: metrics scrapes run in another thread
         self._link = link or DummyLink()
         self._ipset = ipset or Ipset()
         self._local_addresses = local_addresses
@@ -196,7 +197,7 @@ class IpvsBackend:
             return []
         counts: dict[tuple[str, str], int] = {}
         services = self._state.services
-        for key, live in self._kernel.services(services).items():
+        for key, live in self._counter_kernel.services(services).items():
             if key not in services:
                 continue
             if key.ip in self._state.addresses:
