@@ -14,7 +14,7 @@ import re
 import socket
 import struct
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +171,15 @@ class IpvsKernel:
                 attrs.get("IPVS_DEST_ATTR_INACT_CONNS") or 0
             )
             destinations[server] = LiveDestination(int(attrs.get("IPVS_DEST_ATTR_WEIGHT") or 0), connections)
-        flags = service.get("flags") or {}
-        persistent = isinstance(flags, Mapping) and flags.get("flags", 0) & _PERSISTENT
+        # pyroute2's from_message keeps flags and timeout under their attribute names only.
+        flags = service.get("IPVS_SVC_ATTR_FLAGS")
+        persistent = flags is not None and int(flags.get("flags", 0)) & _PERSISTENT
+        timeout = int(service.get("IPVS_SVC_ATTR_TIMEOUT") or 0)
         stats = service.get("IPVS_SVC_ATTR_STATS64") or service.get("IPVS_SVC_ATTR_STATS")
         connections = stats.get("conns") if stats is not None else 0
         return LiveService(
             scheduler=str(service.get("sched_name", "")),
-            persistence=int(service.get("timeout", 0)) if persistent else None,
+            persistence=timeout if persistent else None,
             destinations=destinations,
             connections=int(connections or 0),
         )
