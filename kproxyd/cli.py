@@ -23,6 +23,7 @@ from kproxyd.config import (
     parse_log_format,
     parse_masquerade_bit,
     parse_mode,
+    parse_scheduler,
 )
 from kproxyd.logs import configure_logging
 
@@ -33,7 +34,7 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
     "kubeconfig": ("kubeconfig", str, "path to a kubeconfig file with the API server and credentials"),
     "master": ("master", str, "API server URL (overrides the kubeconfig's server)"),
     "hostname-override": ("hostname", lambda v: v.strip().lower(), "this node's name, instead of the hostname"),
-    "proxy-mode": ("mode", parse_mode, "dataplane: iptables (default), nftables or ebpf"),
+    "proxy-mode": ("mode", parse_mode, "dataplane: iptables (default), nftables, ebpf or ipvs"),
     "cgroup-root": ("cgroup_root", str, "ebpf: cgroup2 dir whose sockets are balanced (default: cgroup2 root)"),
     "bpf-pin-path": ("bpf_pin_path", str, "ebpf: bpffs directory for pinned maps (default /sys/fs/bpf/kproxyd)"),
     "ebpf-lb-algorithm": (
@@ -90,8 +91,32 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
     "logging-format": ("log_format", parse_log_format, "text (default) or json"),
     "log-format": ("log_format", parse_log_format, "text (default) or json"),
     "cleanup": ("cleanup", parse_bool, "remove every rule kproxyd programmed, then exit"),
+    "ipvs-scheduler": ("ipvs_scheduler", parse_scheduler, "IPVS scheduler: rr (default), wrr, lc, sh, mh, ..."),
+    "ipvs-strict-arp": ("ipvs_strict_arp", parse_bool, "arp_ignore=1, arp_announce=2 (ipvs mode)"),
+    "ipvs-tcp-timeout": ("ipvs_tcp_timeout", parse_duration, "IPVS idle TCP session timeout (0: unchanged)"),
+    "ipvs-tcpfin-timeout": (
+        "ipvs_tcpfin_timeout",
+        parse_duration,
+        "IPVS TCP timeout after a FIN (0: unchanged)",
+    ),
+    "ipvs-udp-timeout": ("ipvs_udp_timeout", parse_duration, "IPVS UDP timeout (0: unchanged)"),
+    "ipvs-exclude-cidrs": (
+        "ipvs_exclude_cidrs",
+        parse_cidrs,
+        "CIDRs whose IPVS virtual services kproxyd never deletes (comma-separated)",
+    ),
 }
-_BOOL_FLAGS = {"masquerade-all", "iptables-localhost-nodeports", "cleanup"}
+# Flags of one mode's own: they apply only when that is the mode, as kube-proxy's per-mode config.
+_MODE_FLAGS: dict[str, tuple[str, str, Callable[[Any], Any], str]] = {
+    "ipvs-sync-period": ("ipvs", "sync_period", parse_duration, "ipvs mode: period of rule checks (default 30s)"),
+    "ipvs-min-sync-period": (
+        "ipvs",
+        "min_sync_period",
+        parse_duration,
+        "ipvs mode: minimum interval between syncs (default 1s)",
+    ),
+}
+_BOOL_FLAGS = {"masquerade-all", "iptables-localhost-nodeports", "cleanup", "ipvs-strict-arp"}
 
 # kube-proxy flags kproxyd accepts so existing manifests keep working, but does not act on.
 _ACCEPTED_FLAGS = (
@@ -108,14 +133,6 @@ _ACCEPTED_FLAGS = (
     "healthz-port",
     "metrics-port",
     "init-only",
-    "ipvs-exclude-cidrs",
-    "ipvs-min-sync-period",
-    "ipvs-scheduler",
-    "ipvs-strict-arp",
-    "ipvs-sync-period",
-    "ipvs-tcp-timeout",
-    "ipvs-tcpfin-timeout",
-    "ipvs-udp-timeout",
     "kube-api-burst",
     "kube-api-content-type",
     "kube-api-qps",
@@ -159,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs = "?" if flag in _BOOL_FLAGS else None
         const = "true" if flag in _BOOL_FLAGS else None
         parser.add_argument(f"--{flag}", dest=flag, nargs=nargs, const=const, default=None, help=help_text)
+    for flag, (_, _, _, help_text) in _MODE_FLAGS.items():
+        parser.add_argument(f"--{flag}", dest=flag, default=None, help=help_text)
     for flag in _ACCEPTED_FLAGS:
         parser.add_argument(f"--{flag}", dest=flag, nargs="?", const="true", default=None, help=argparse.SUPPRESS)
     return parser
@@ -178,7 +197,14 @@ def parse_config(argv: Sequence[str]) -> ProxyConfig:
     for flag in _ACCEPTED_FLAGS:
         if args.get(flag) is not None:
             log.warning("flag accepted for kube-proxy compatibility but not implemented", flag=f"--{flag}")
-    return replace(config, **values)
+    config = replace(config, **values)
+    for flag, (mode, target, parse, _) in _MODE_FLAGS.items():
+        if args.get(flag) is not None and config.mode == mode:
+            try:
+                config = replace(config, **{target: parse(args[flag])})
+            except (ConfigError, ValueError) as err:
+                raise ConfigError(f"--{flag}: {err}") from None
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -205,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.error("invalid configuration", error=str(err))
         sys.exit(2)
     configure_logging(config.verbosity, config.log_format == "json")
+    from kproxyd.backends import BackendUnavailableError
     from kproxyd.daemon import cleanup, run_daemon
 
-    sys.exit(cleanup(config) if config.cleanup else run_daemon(config))
+    try:
+        sys.exit(cleanup(config) if config.cleanup else run_daemon(config))
+    except BackendUnavailableError as err:
+        log.error("proxy mode not available on this kernel", mode=config.mode, error=str(err))
+        sys.exit(1)

@@ -16,7 +16,7 @@ from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo
 
 log = structlog.get_logger(__name__)
 
-PROXY_MODES = ("iptables", "nftables", "ebpf")
+PROXY_MODES = ("iptables", "nftables", "ebpf", "ipvs")
 LB_ALGORITHMS = ("random", "maglev")
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 
@@ -52,6 +52,12 @@ class ProxyConfig:
     cgroup_root: str = ""  # ebpf: the cgroup2 directory whose processes' sockets are balanced; "": the root
     bpf_pin_path: str = "/sys/fs/bpf/kproxyd"  # ebpf: where maps and programs are pinned
     ebpf_lb_algorithm: str = "random"  # ebpf: backend choice unless a Service's annotation says otherwise
+    ipvs_scheduler: str = "rr"
+    ipvs_strict_arp: bool = False
+    ipvs_tcp_timeout: float = 0.0  # 0: leave the kernel's IPVS timeout as it is
+    ipvs_tcpfin_timeout: float = 0.0
+    ipvs_udp_timeout: float = 0.0
+    ipvs_exclude_cidrs: tuple[str, ...] = ()  # virtual services there are never deleted
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -115,6 +121,17 @@ def parse_lb_algorithm(value: str) -> str:
     return value
 
 
+# kube-proxy's IPVS schedulers (pkg/proxy/ipvs/util); each is a kernel module ip_vs_<name>.
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo", "ovf", "twos")
+
+
+def parse_scheduler(value: str) -> str:
+    scheduler = str(value).strip() or "rr"
+    if scheduler not in IPVS_SCHEDULERS:
+        raise ConfigError(f"unknown IPVS scheduler {value!r} (one of {', '.join(IPVS_SCHEDULERS)})")
+    return scheduler
+
+
 def parse_detect_local_mode(value: str) -> DetectLocalMode | None:
     if not value:
         return None
@@ -165,8 +182,17 @@ _FILE_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nftables.masqueradeBit": ("masquerade_bit", parse_masquerade_bit),
     "nftables.syncPeriod": ("sync_period", parse_duration),
     "nftables.minSyncPeriod": ("min_sync_period", parse_duration),
+    "ipvs.syncPeriod": ("sync_period", parse_duration),
+    "ipvs.minSyncPeriod": ("min_sync_period", parse_duration),
+    "ipvs.scheduler": ("ipvs_scheduler", parse_scheduler),
+    "ipvs.strictARP": ("ipvs_strict_arp", parse_bool),
+    "ipvs.tcpTimeout": ("ipvs_tcp_timeout", parse_duration),
+    "ipvs.tcpFinTimeout": ("ipvs_tcpfin_timeout", parse_duration),
+    "ipvs.udpTimeout": ("ipvs_udp_timeout", parse_duration),
+    "ipvs.excludeCIDRs": ("ipvs_exclude_cidrs", parse_cidrs),
 }
-_IGNORED_PREFIXES = ("ipvs.", "winkernel.", "conntrack.", "clientConnection.", "logging.", "featureGates.")
+_MODE_SECTIONS = ("nftables", "ipvs")  # a mode's own section applies only when that is the mode
+_IGNORED_PREFIXES = ("winkernel.", "conntrack.", "clientConnection.", "logging.", "featureGates.")
 _IGNORED = {
     "apiVersion",
     "kind",
@@ -223,7 +249,7 @@ def load_config_file(path: str, base: ProxyConfig | None = None) -> ProxyConfig:
 
 def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyConfig:
     values: dict[str, Any] = {}
-    nftables: dict[str, Any] = {}  # nftables.* apply only when the mode is nftables
+    per_mode: dict[str, dict[str, Any]] = {}  # nftables.* and ipvs.*, applied only in their mode
     for path, value in flat.items():
         if path in _FILE_FIELDS:
             target, parse = _FILE_FIELDS[path]
@@ -233,7 +259,8 @@ def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyCon
                 raise ConfigError(f"config field {path}: {err}") from None
             if parsed is not None and not (parse is parse_duration and parsed == 0):
                 # kube-proxy defaults zero durations, as it defaults nulls
-                (nftables if path.startswith("nftables.") else values)[target] = parsed
+                section = path.split(".", 1)[0]
+                (per_mode.setdefault(section, {}) if section in _MODE_SECTIONS else values)[target] = parsed
         elif path in ("apiVersion", "kind"):
             continue
         elif path in _IGNORED or path.startswith(_IGNORED_PREFIXES):
@@ -242,7 +269,7 @@ def _apply_file_fields(flat: Mapping[str, Any], config: ProxyConfig) -> ProxyCon
         else:
             raise ConfigError(f"unknown config field {path!r}")
     config = replace(config, **values)
-    return replace(config, **nftables) if config.mode == "nftables" else config
+    return replace(config, **per_mode.get(config.mode, {}))
 
 
 def local_traffic_detector(config: ProxyConfig, node: NodeInfo, family: int = 4) -> LocalTrafficDetector | None:

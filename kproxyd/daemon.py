@@ -26,11 +26,28 @@ from kproxyd.tracker import FanOut, ProxyStateTracker
 log = structlog.get_logger(__name__)
 
 INFORMER_SYNC_TIMEOUT = 60.0
+# The modes whose leftovers a starting mode keeps: ipvs mode writes into iptables mode's shared chains
+# (KUBE-SERVICES, KUBE-POSTROUTING...), so cleaning iptables mode would delete its own rules; kube-proxy
+# does not clean iptables mode in ipvs mode either. ebpf mode uses nftables mode's table as its fallback.
+_KEEP_ON_START = {
+    "iptables": ("iptables",),
+    "nftables": ("nftables",),
+    "ipvs": ("ipvs", "iptables"),
+    "ebpf": ("ebpf", "nftables"),
+}
 
 
 def proxy_families(config: ProxyConfig) -> tuple[int, ...]:
     """The IP families to proxy: both where the kernel has IPv6 (kube-proxy's dual-stack mode), else IPv4."""
     return (4, 6) if os.path.exists("/proc/net/if_inet6") else (4,)
+
+
+def require_mode(config: ProxyConfig) -> None:
+    """Refuse, with BackendUnavailableError saying why, a mode this kernel cannot run (ipvs without IPVS)."""
+    if config.mode == "ipvs":
+        from kproxyd.backends.ipvs.kernel import require_ipvs
+
+        require_ipvs()
 
 
 def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
@@ -39,6 +56,10 @@ def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
         from kproxyd.backends.ebpf.backend import EbpfBackend
 
         return EbpfBackend.for_config(config, family)
+    if config.mode == "ipvs":
+        from kproxyd.backends.ipvs.backend import IpvsBackend
+
+        return IpvsBackend.for_config(config, family)
     if config.mode == "nftables":
         from kproxyd.backends.nftables.backend import NftablesBackend
 
@@ -48,13 +69,13 @@ def make_backend(config: ProxyConfig, family: int = 4) -> Backend:
     return IptablesBackend.for_config(config, family)
 
 
-# Modes whose rules a mode uses as its own fallback: not "other modes" to remove after its first sync.
-USES_MODES = {"ebpf": ("nftables",)}
-
-
 def cleanup(config: ProxyConfig, modes: Iterable[str] = PROXY_MODES) -> int:
-    """--cleanup: remove everything the given kproxyd modes (all of them by default) programmed here."""
-    for mode in modes:
+    """--cleanup: remove everything the given kproxyd modes (all of them by default) programmed here.
+
+    ipvs goes first: its rules use chains iptables mode shares (KUBE-MARK-MASQ...), which iptables mode's
+    cleanup can delete only once nothing of ipvs mode refers to them.
+    """
+    for mode in sorted(modes, key=lambda mode: mode != "ipvs"):
         make_backend(replace(config, mode=mode)).cleanup()
     log.info("cleanup done", modes=list(modes))
     return 0
@@ -65,6 +86,7 @@ class Daemon:
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
+        require_mode(config)
         self.metrics = ProxyMetrics()
         families = proxy_families(config)
         trackers = {f: ProxyStateTracker(config.hostname, family=f, on_change=self._changed) for f in families}
@@ -138,8 +160,7 @@ class Daemon:
             raise failure
         if not self._other_modes_removed:
             # Only now that this mode's rules are in place: the old mode kept traffic flowing meanwhile.
-            used = (self.config.mode, *USES_MODES.get(self.config.mode, ()))
-            cleanup(self.config, [mode for mode in PROXY_MODES if mode not in used])
+            cleanup(self.config, [mode for mode in PROXY_MODES if mode not in _KEEP_ON_START[self.config.mode]])
             self._other_modes_removed = True
 
     def start(self) -> None:

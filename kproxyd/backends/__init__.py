@@ -28,6 +28,10 @@ class FrontendCounter:
     connections: int
 
 
+class BackendUnavailableError(RuntimeError):
+    """The kernel cannot run the configured proxy mode (e.g. ipvs without IPVS); the message says why."""
+
+
 class Backend(Protocol):
     """What the sync needs from a dataplane."""
 

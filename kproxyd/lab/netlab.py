@@ -43,6 +43,8 @@ LAN_GATEWAY6 = "fd00:28::1"
 API_PORT = 6443
 MAX_NODES = 100
 POD_READY_TIMEOUT = 10.0
+# Inside the emulated test kernel (tests/guest, qemu TCG) everything is 5-10x slower.
+TIMEOUT_SCALE = 10.0 if os.environ.get("KPROXYD_GUEST") else 1.0
 STOP_TIMEOUT = 3.0
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 
@@ -425,7 +427,7 @@ class NetLab:
         proc = self.popen(pod.name, argv, stdout=subprocess.PIPE, cgroup=self.node_cgroup(pod.node))
         assert proc.stdout is not None
         with proc.stdout:
-            ready, _, _ = select.select([proc.stdout], [], [], POD_READY_TIMEOUT)
+            ready, _, _ = select.select([proc.stdout], [], [], POD_READY_TIMEOUT * TIMEOUT_SCALE)
             line = proc.stdout.readline() if ready else b""
         if line.strip() != b"ready":
             raise RuntimeError(f"pod server of {pod.name} did not get ready (exit {proc.poll()})")

@@ -8,10 +8,11 @@ from contextlib import ExitStack
 
 import pytest
 
+from kproxyd.backends.ipvs.kernel import ipvs_available
 from kproxyd.lab.cluster import LabCluster
 from tests.scratch_netns import scratch_netns
 
-PROXY_MODES = ["iptables", "nftables", "ebpf"]
+PROXY_MODES = ["iptables", "nftables", "ebpf", "ipvs"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,8 +30,13 @@ def _require_root() -> None:
 
 @pytest.fixture(scope="module", params=PROXY_MODES)
 def proxy_mode(request: pytest.FixtureRequest) -> str:
-    """The dataplane the module's lab runs."""
-    return str(request.param)
+    """The dataplane the module's lab runs; ipvs only where the kernel has IPVS (skipped, saying so, elsewhere)."""
+    mode = str(request.param)
+    if mode == "ipvs" and not ipvs_available():
+        pytest.skip(
+            "ipvs mode needs a kernel with IPVS (not this one); run it in the guest: python -m tests.guest.run"
+        )
+    return mode
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,11 @@ class Flow:
     expect: frozenset[str] | str = BACKENDS
     masqueraded: bool | None = None
     proto: str = "TCP"
+    ipvs: frozenset[str] | str | None = None  # what kube-proxy's IPVS mode does instead, where it differs
+
+    def expected(self, mode: str) -> frozenset[str] | str:
+        """The expectation in a proxy mode."""
+        return self.ipvs if mode == "ipvs" and self.ipvs is not None else self.expect
 
     def __str__(self) -> str:
         return f"{self.src}->{self.dst}:{self.port or 'nodePort'}/{self.proto}"
@@ -79,17 +84,19 @@ FLOWS = [
     # externalTrafficPolicy Local: only this node's endpoints, client source kept; DROP where none.
     Flow("ext", "node1:etp-local", port=None, expect=ON_NODE1, masqueraded=False),
     Flow("ext", "node2:etp-local", port=None, expect=frozenset({"backend-1"}), masqueraded=False),
-    Flow("ext", "node2:only1-lb", port=None, expect="dropped"),
+    # IPVS: the node port's virtual service has no real server, and IPVS answers port unreachable.
+    Flow("ext", "node2:only1-lb", port=None, expect="dropped", ipvs="refused"),
     Flow("ext", "node1:only1-lb", port=None, expect=ONLY1, masqueraded=False),
     Flow("ext", ONLY1_LB_IP, expect=ONLY1, masqueraded=False),
-    # ...while pods and the node itself are short-circuited to every endpoint.
-    Flow("client2", "node2:only1-lb", port=None, expect=ONLY1),
-    Flow("node2", "node2:only1-lb", port=None, expect=ONLY1),
+    # ...while pods and the node itself are short-circuited to every endpoint (not in kube-proxy's IPVS
+    # mode: a virtual service has one set of real servers whatever the source, here none).
+    Flow("client2", "node2:only1-lb", port=None, expect=ONLY1, ipvs="refused"),
+    Flow("node2", "node2:only1-lb", port=None, expect=ONLY1, ipvs="refused"),
     Flow("client1", "only1-lb", expect=ONLY1, masqueraded=False),
     # internalTrafficPolicy Local: cluster traffic to this node's endpoints only, DROP where none.
     Flow("client1", "itp-local", expect=ON_NODE1, masqueraded=False),
     Flow("client2", "itp-local", expect=frozenset({"backend-1"}), masqueraded=False),
-    Flow("client2", "itp-only1", expect="dropped"),
+    Flow("client2", "itp-only1", expect="dropped", ipvs="refused"),  # IPVS: no real server, port unreachable
     Flow("client1", "itp-only1", expect=ONLY1),
     # Topology (trafficDistribution: PreferClose): each zone keeps its traffic.
     Flow("client1", "topology", expect=ON_NODE1),
@@ -195,7 +202,8 @@ def source_ip(lab: LabCluster, src: str) -> str:
 @pytest.mark.parametrize("flow", FLOWS, ids=str)
 def test_flow(cluster: LabCluster, flow: Flow) -> None:
     ip, port = resolve(cluster, flow)
-    count = 8 if isinstance(flow.expect, str) else 40
+    expect = flow.expected(cluster.mode)  # type: ignore[attr-defined]
+    count = 8 if isinstance(expect, str) else 40
     results = cluster.answers(flow.src, ip, port, flow.proto, count=count, timeout=0.7)
     mode = cluster.mode  # type: ignore[attr-defined]
     cluster_ip = flow.dst in cluster_ip_flows()
@@ -204,18 +212,18 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
         # in from outside the node (as Cilium's default, bpf-lb-external-clusterip=false). Nothing answers.
         assert all(isinstance(r, TimeoutError) for r in results), results[:3]
         return
-    if flow.expect == "refused":
+    if expect == "refused":
         error = refused_error(mode, cluster_ip)
         assert all(isinstance(r, error) for r in results), results[:3]
         return
-    if flow.expect == "dropped":
+    if expect == "dropped":
         error = dropped_error(mode, cluster_ip and flow.dst != "other-proxy")
         assert all(isinstance(r, error) for r in results), results[:3]
         return
     errors = [r for r in results if not isinstance(r, Reply)]
     assert not errors, errors[:3]
     replies = [r for r in results if isinstance(r, Reply)]
-    assert {r.pod for r in replies} == flow.expect
+    assert {r.pod for r in replies} == expect
     if flow.masqueraded is not None:
         kept = {r.source_ip == source_ip(cluster, flow.src) for r in replies}
         assert kept == {not flow.masqueraded}, {r.source_ip for r in replies}
@@ -310,25 +318,46 @@ def test_node_port_on_localhost(cluster: LabCluster) -> None:
 
 
 def test_headless_and_foreign_services_program_nothing(cluster: LabCluster) -> None:
-    rules = cluster.ruleset("node1")
-    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
-        assert "default/web" in rules  # ebpf's maps hold addresses, not names (web's cluster IP is eBPF's)
-    assert "default/headless" not in rules
-    assert "default/other-proxy" not in rules
+    if cluster.mode == "ipvs":  # type: ignore[attr-defined]
+        # IPVS mode's rules name no Service: what is programmed is the service IPs on kube-ipvs0.
+        bound = ipvs_addresses(cluster, "node1")
+        assert cluster_ip(cluster, "web") in bound
+        assert cluster_ip(cluster, "other-proxy") not in bound and len(bound) == len(set(bound))
+    else:
+        rules = cluster.ruleset("node1")
+        if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+            assert "default/web" in rules  # ebpf's maps hold addresses, not names (web's cluster IP is eBPF's)
+        assert "default/headless" not in rules
+        assert "default/other-proxy" not in rules
     assert "error" not in cluster.proxy_log("node1").lower()
+
+
+def ipvs_addresses(lab: LabCluster, node: str) -> list[str]:
+    """The addresses on a node's kube-ipvs0 (IPVS mode)."""
+    out = lab.net.exec(node, ["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines()]
+
+
+def ipvs_cluster_ips(lab: LabCluster, node: str) -> str:
+    """The members of a node's KUBE-CLUSTER-IP ipset (IPVS mode): "ip,proto:port" lines."""
+    return str(lab.net.exec(node, ["ipset", "list", "KUBE-CLUSTER-IP"]).stdout)
 
 
 def test_sctp_service(cluster: LabCluster) -> None:
     """SCTP Services are programmed; with SCTP sockets in the kernel, traffic flows too."""
     sctp = {"name": "sctp", "port": 7777, "targetPort": 7777, "protocol": "SCTP"}
     ip = cluster.create_service(svc("sctp", ports=[sctp]))["spec"]["clusterIP"]
-    wait_until(lambda: "default/sctp" in cluster.ruleset("node1"), timeout=20, what="SCTP Service rules")
-    lines = [
-        line.replace("default/sctp", "")
-        for line in cluster.ruleset("node1").splitlines()
-        if "default/sctp" in line
-    ]
-    assert any("sctp" in line for line in lines), lines  # the rules match the SCTP protocol
+    if cluster.mode == "ipvs":  # type: ignore[attr-defined]
+        member = f"{ip},sctp:7777"
+        wait_until(lambda: member in ipvs_cluster_ips(cluster, "node1"), timeout=20, what="SCTP virtual service")
+    else:
+        wait_until(lambda: "default/sctp" in cluster.ruleset("node1"), timeout=20, what="SCTP Service rules")
+        lines = [
+            line.replace("default/sctp", "")
+            for line in cluster.ruleset("node1").splitlines()
+            if "default/sctp" in line
+        ]
+        assert any("sctp" in line for line in lines), lines  # the rules match the SCTP protocol
     try:
         socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
     except OSError as err:

@@ -86,8 +86,9 @@ JUMPS = (
 )
 
 # Batched syncs write per-service chains, which jump to KUBE-MARK-MASQ, before the top level is written.
+CANARY_CHAINS = tuple((table, KUBE_PROXY_CANARY) for table in _CANARY_TABLES)
 _ENSURED_CHAINS = (
-    *((table, KUBE_PROXY_CANARY) for table in _CANARY_TABLES),
+    *CANARY_CHAINS,
     *(("filter", chain) for chain in FILTER_CHAINS),
     *(("nat", chain) for chain in NAT_CHAINS),
 )
@@ -165,9 +166,21 @@ def detect_iptables_variant(
 class IptablesKernel:
     """Runs one iptables variant's binaries, optionally behind a command prefix (e.g. ip netns exec)."""
 
-    def __init__(self, variant: Variant, prefix: Sequence[str] = (), family: int = 4) -> None:
-        """Use (ip6)iptables-<variant>, -restore and -save, each run as prefix + argv."""
+    def __init__(
+        self,
+        variant: Variant,
+        prefix: Sequence[str] = (),
+        family: int = 4,
+        jumps: Sequence[Jump] = JUMPS,
+        chains: Sequence[tuple[str, str]] = _ENSURED_CHAINS,
+    ) -> None:
+        """Use (ip6)iptables-<variant>, -restore and -save, each run as prefix + argv.
+
+        jumps and chains (table, chain) are what ensure_jumps creates: iptables mode's unless told.
+        """
         self.variant = variant
+        self._jumps = tuple(jumps)
+        self._chains = tuple(chains)
         self._prefix = tuple(prefix)
         self.family = family
         self._binary = "iptables" if family == 4 else "ip6tables"
@@ -202,11 +215,11 @@ class IptablesKernel:
         inserting it, in case iptables-save spells the rule differently).
         """
         chains, rules = _chains_and_rules(self.save())
-        wanted = [*_ENSURED_CHAINS, *((jump.table, jump.target) for jump in JUMPS)]
+        wanted = [*self._chains, *((jump.table, jump.target) for jump in self._jumps)]
         for table, chain in dict.fromkeys(wanted):
             if chain not in chains.get(table, set()):
                 self._ensure_chain(table, chain)
-        for jump in JUMPS:
+        for jump in self._jumps:
             if jump.save_line not in rules.get(jump.table, set()) and not self._has_rule(jump):
                 self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-I", jump.source, *jump.args])
 
@@ -235,9 +248,7 @@ class IptablesKernel:
 
     def cleanup(self) -> None:
         """Remove our jumps and every kproxyd chain from filter, nat and mangle; leave the rest alone."""
-        for jump in JUMPS:
-            while self._has_rule(jump):
-                self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-D", jump.source, *jump.args])
+        self.remove_jumps()
         sections: list[str] = []
         for table in _TABLES:
             chains = sorted(
@@ -249,6 +260,12 @@ class IptablesKernel:
         if sections:
             self.restore("\n".join([*sections, ""]))
         log.info("iptables rules cleaned up", variant=self.variant)
+
+    def remove_jumps(self) -> None:
+        """Delete this kernel's jumps from the built-in chains (every copy of each)."""
+        for jump in self._jumps:
+            while self._has_rule(jump):
+                self._check([*self._prefix, self._iptables, "-w", "-t", jump.table, "-D", jump.source, *jump.args])
 
     def _ensure_chain(self, table: str, chain: str) -> None:
         proc = _run([*self._prefix, self._iptables, "-w", "-t", table, "-N", chain])
