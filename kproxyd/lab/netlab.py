@@ -42,8 +42,10 @@ LAN_PREFIXLEN = 24
 LAN_GATEWAY6 = "fd00:28::1"
 API_PORT = 6443
 MAX_NODES = 100
-POD_READY_TIMEOUT = 10.0
-STOP_TIMEOUT = 3.0
+# Slow machines (the qemu TCG guest of tests/guest runs Python ~10x slower) stretch every lab wait by this.
+TIME_SCALE = float(os.environ.get("KPROXYD_LAB_TIME_SCALE", "1"))
+POD_READY_TIMEOUT = 10.0 * TIME_SCALE
+STOP_TIMEOUT = 3.0 * TIME_SCALE
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 
 # Every lab namespace: answer REJECTs at once, and never drop asymmetric pod/service paths.
