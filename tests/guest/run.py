@@ -228,24 +228,30 @@ def run_in_guest(
         results.mkdir()
         initramfs = build_initramfs(kernel, Path(tmp) / "initramfs.cpio")
         write_job(results, kernel, command, cwd, time_scale)
-        lines: list[str] = []
-        qemu = subprocess.Popen(qemu_argv(kernel, initramfs, results, smp, memory), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        assert qemu.stdout is not None
-        reader = threading.Thread(target=_stream, args=(qemu.stdout.fileno(), lines, echo), daemon=True)
-        reader.start()
-        try:
-            qemu.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            lines.append(f"guest: timed out after {timeout:.0f} s, qemu killed\n")
-        finally:
-            if qemu.poll() is None:
-                qemu.kill()
-                qemu.wait()
-            reader.join(timeout=5)
+        output = _run_qemu(qemu_argv(kernel, initramfs, results, smp, memory), timeout, echo)
         rc_file = results / "rc"
         returncode = int(rc_file.read_text()) if rc_file.exists() else None
-    return GuestResult(returncode=returncode, output="".join(lines), seconds=time.monotonic() - start)
+    return GuestResult(returncode=returncode, output=output, seconds=time.monotonic() - start)
+
+
+def _run_qemu(argv: Sequence[str], timeout: float, echo: bool) -> str:
+    """Run qemu to its exit (killed on timeout or interrupt); its console output."""
+    chunks: list[str] = []
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert qemu.stdout is not None
+    reader = threading.Thread(target=_stream, args=(qemu.stdout.fileno(), chunks, echo), daemon=True)
+    reader.start()
+    try:
+        qemu.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        chunks.append(f"guest: timed out after {timeout:.0f} s, qemu killed\n")
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        reader.join(timeout=5)
+        qemu.stdout.close()
+    return "".join(chunks)
 
 
 def pytest_command(
