@@ -38,7 +38,7 @@ def test_job_file_round_trips_through_sh(tmp_path: Path) -> None:
     write_job(tmp_path, _kernel(tmp_path), command, Path("/w t"), time_scale=10)
     script = f'. {shlex.quote(str(tmp_path / "job.env"))}; eval "set -- $GUEST_COMMAND"; printf "%s\\n" "$@"'
     argv = subprocess.run(["sh", "-c", script], check=True, capture_output=True, text=True).stdout.splitlines()
-    assert argv == ["/w t/.venv/bin/python", "-m", "pytest", "-o", "timeout=3000", *command[5:]]
+    assert argv == ["/w t/.venv/bin/python", "-m", "pytest", "-o", "timeout=6000", *command[5:]]
     assert "export KPROXYD_LAB_TIME_SCALE=10" in (tmp_path / "job.env").read_text()
 
 
