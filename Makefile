@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables iproute2 conntrack ipset procps python3-venv python3-pip curl ruby shellcheck \
-	python3-bpfcc linux-headers-amd64
+	python3-bpfcc linux-headers-amd64 qemu-system-x86
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 STAMP_BCC := $(VENV)/.bcc-done
 
-.PHONY: setup demo test lint unit netns bench image image-test clean
+.PHONY: setup demo test lint unit netns test-guest bench image image-test clean
 
 setup: $(STAMP_PIP) $(STAMP_BCC)
 
@@ -57,6 +57,11 @@ netns: setup
 
 test: lint
 	$(PY) -m pytest -q -ra
+
+# The second kernel (Debian's 6.1 under qemu TCG, docs/guest.md): GUEST_PYTEST='tests/netns/test_flows.py -k web'
+# (empty: the representative selection), GUEST_ARGS='--smp 2 --memory 2048'.
+test-guest: setup
+	$(PY) -m tests.guest.run $(GUEST_ARGS) -- $(GUEST_PYTEST)
 
 bench: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy gcc >/dev/null

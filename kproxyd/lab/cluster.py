@@ -20,7 +20,7 @@ import structlog
 
 from kproxyd.lab.apiserver import LabApiServer, write_kubeconfig
 from kproxyd.lab.controller import EndpointsController
-from kproxyd.lab.netlab import TIMEOUT_SCALE, LabNode, LabPod, NetLab, Reply
+from kproxyd.lab.netlab import TIME_SCALE, LabNode, LabPod, NetLab, Reply
 from kproxyd.lab.nsutil import socket_in_netns
 from kproxyd.lab.store import ObjectStore, now_rfc3339
 
@@ -32,8 +32,8 @@ T = TypeVar("T")
 
 
 def wait_until(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll check() until it returns something truthy; raise TimeoutError naming what was awaited."""
-    deadline = time.monotonic() + timeout * TIMEOUT_SCALE
+    """Poll check() until it returns something truthy (timeout stretched by TIME_SCALE); else TimeoutError."""
+    deadline = time.monotonic() + timeout * TIME_SCALE
     last: T = check()
     while not last:
         if time.monotonic() > deadline:

@@ -42,10 +42,10 @@ LAN_PREFIXLEN = 24
 LAN_GATEWAY6 = "fd00:28::1"
 API_PORT = 6443
 MAX_NODES = 100
-POD_READY_TIMEOUT = 10.0
-# Inside the emulated test kernel (tests/guest, qemu TCG) everything is 5-10x slower.
-TIMEOUT_SCALE = 10.0 if os.environ.get("KPROXYD_GUEST") else 1.0
-STOP_TIMEOUT = 3.0
+# Slow machines (the qemu TCG guest of tests/guest runs Python ~10x slower) stretch every lab wait by this.
+TIME_SCALE = float(os.environ.get("KPROXYD_LAB_TIME_SCALE", "1"))
+POD_READY_TIMEOUT = 10.0 * TIME_SCALE
+STOP_TIMEOUT = 3.0 * TIME_SCALE
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 
 # Every lab namespace: answer REJECTs at once, and never drop asymmetric pod/service paths.
@@ -427,7 +427,7 @@ class NetLab:
         proc = self.popen(pod.name, argv, stdout=subprocess.PIPE, cgroup=self.node_cgroup(pod.node))
         assert proc.stdout is not None
         with proc.stdout:
-            ready, _, _ = select.select([proc.stdout], [], [], POD_READY_TIMEOUT * TIMEOUT_SCALE)
+            ready, _, _ = select.select([proc.stdout], [], [], POD_READY_TIMEOUT)
             line = proc.stdout.readline() if ready else b""
         if line.strip() != b"ready":
             raise RuntimeError(f"pod server of {pod.name} did not get ready (exit {proc.poll()})")

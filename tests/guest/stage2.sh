@@ -22,7 +22,7 @@ echo /run/guest/modprobe > /proc/sys/kernel/modprobe
 for module in $GUEST_PRELOAD; do /run/guest/modprobe "$module" || echo "guest: modprobe $module failed"; done
 $bb hostname kproxyd-guest
 $bb ip link set lo up
-export HOME=/tmp/home TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 KPROXYD_GUEST=1
+export HOME=/tmp/home TMPDIR=/tmp PYTHONUNBUFFERED=1 KPROXYD_GUEST=1
 $bb mkdir -p "$HOME"
 echo "guest: kernel $release ready after $($bb cut -d' ' -f1 /proc/uptime) s"
 # /usr/bin/env execs the real programs: this busybox sh would otherwise prefer its own applets (ip, sh).
