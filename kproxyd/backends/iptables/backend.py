@@ -26,7 +26,7 @@ from kproxyd.plan import ServicePlan
 log = structlog.get_logger(__name__)
 
 # Per-service chains per restore in a batched nft sync (~500 ServicePorts of 3 endpoints): at 10k Services,
-# 1000/2000/4000 took 8.8/9.2/10.7 s cold and 15.7/13.2/12.4 s to resync (bench/iptables_sync.py).
+# 1000/2000/4000 took 8.8/9.2/10.7 s cold and 15.7/13.2/12.4 s to resync (bench/results/iptables_sync.json).
 DEFAULT_BATCH_CHAINS = 2000
 
 

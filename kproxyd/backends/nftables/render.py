@@ -4,7 +4,7 @@ Pure: no subprocess, no kernel. The layout follows pkg/proxy/nftables/proxier.go
 keyed by destination send new connections to per-ServicePort chains, which spread them over per-endpoint
 chains. One deliberate difference: the endpoint spread is a run of `numgen random mod k == 0 goto` rules
 (the last one unconditional) instead of kube-proxy's inline anonymous vmap, whose thousands of anonymous
-sets make one large transaction quadratic in the kernel (bench/nftables_sync.py records the numbers).
+sets make one large transaction quadratic in the kernel (bench/results/nftables_sync.json).
 """
 
 from __future__ import annotations
