@@ -4,7 +4,8 @@
 bb=/run/guest/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /run/guest/results/job.env
-$bb mount -t tmpfs -o mode=1777 tmpfs /tmp
+# A fresh /tmp, unless the repository itself lives there (a CI clone): the overlay keeps it writable anyway.
+case "$GUEST_CWD" in /tmp/*) ;; *) $bb mount -t tmpfs -o mode=1777 tmpfs /tmp ;; esac
 $bb mount -t devpts devpts /dev/pts 2>/dev/null
 $bb mount -t tmpfs tmpfs /dev/shm 2>/dev/null
 $bb mount -t cgroup2 cgroup2 /sys/fs/cgroup
