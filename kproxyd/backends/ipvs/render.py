@@ -143,10 +143,6 @@ class ServiceChanges:
         return len(self.create) + len(self.update) + len(self.delete) + sum(len(p) for p in pairs)
 
 
-def _of_family(ips: Iterable[str], family: int) -> tuple[str, ...]:
-    return tuple(ip for ip in ips if ipaddress.ip_address(ip).version == family)
-
-
 def _net(cidr: str) -> str:
     """A CIDR as ipset save prints it: a host route is a bare address."""
     net = ipaddress.ip_network(cidr.strip(), strict=False)
@@ -169,7 +165,7 @@ class IpvsRenderer:
 
     def port(self, plan: ServicePlan) -> PortState:
         """One ServicePort's virtual services, addresses and ipset members."""
-        port, family = plan.port, self._family
+        port = plan.port
         members: dict[SetKind, set[str]] = {}
 
         def add(kind: SetKind, member: str) -> None:
@@ -178,9 +174,9 @@ class IpvsRenderer:
         services: dict[VirtualServerKey, VirtualServer] = {}
         internal = self._virtual_server(plan, plan.internal_endpoints)
         external = self._virtual_server(plan, plan.external_endpoints)
-        cluster_ips = _of_family(port.cluster_ips, family)
-        external_ips = _of_family(port.external_ips, family) if port.externally_accessible else ()
-        lb_ips = _of_family(port.load_balancer_ips, family) if port.externally_accessible else ()
+        cluster_ips = port.cluster_ips
+        external_ips = port.external_ips if port.externally_accessible else ()
+        lb_ips = port.load_balancer_ips if port.externally_accessible else ()
         for ip in cluster_ips:
             services[VirtualServerKey(port.protocol, ip, port.port)] = internal
             add(names.CLUSTER_IP, _entry(ip, port.protocol, port.port))
@@ -202,14 +198,13 @@ class IpvsRenderer:
         if port.health_check_node_port is not None:
             add(names.HEALTH_CHECK_NODE_PORT, str(port.health_check_node_port))
         for ep in plan.all_endpoints:
-            if ep.node_name == self._options.node_name and ipaddress.ip_address(ep.ip).version == family:
+            if ep.node_name == self._options.node_name:
                 add(names.LOOP_BACK, f"{ep.ip},{port.protocol.lower()}:{ep.port},{ep.ip}")
         addresses = frozenset((*cluster_ips, *external_ips, *lb_ips))
         return PortState(services, addresses, {kind: frozenset(m) for kind, m in members.items()})
 
     def _virtual_server(self, plan: ServicePlan, endpoints: tuple[Endpoint, ...]) -> VirtualServer:
-        family = self._family
-        servers = (RealServer(ep.ip, ep.port) for ep in endpoints if ipaddress.ip_address(ep.ip).version == family)
+        servers = (RealServer(ep.ip, ep.port) for ep in endpoints)
         return VirtualServer(
             self._options.scheduler, plan.port.session_affinity_timeout, frozenset(servers), str(plan.name)
         )
@@ -217,7 +212,7 @@ class IpvsRenderer:
     def _source_ranges(self, plan: ServicePlan, entry: str, add: _Adder) -> None:
         """loadBalancerSourceRanges as ipset members: CIDRs, and the LB IPs when a range holds a node IP."""
         port = plan.port
-        lb_ips = _of_family(port.load_balancer_ips, self._family)
+        lb_ips = port.load_balancer_ips
         ranges = [
             r for r in port.load_balancer_source_ranges if ipaddress.ip_network(r, False).version == self._family
         ]
