@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
+from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey
+from kproxyd.backends.ebpf.kernel import HOOKS, SockLbKernel, cgroup2_root, detach_and_unpin
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from kproxyd.model import Protocol
 
 ATTACHED = "eBPF socket load balancer attached"
 UDP = [{"name": "dns", "containerPort": 8053, "protocol": "UDP"}, {"name": "http", "containerPort": 8080}]
@@ -36,24 +38,49 @@ def svc(name: str, app: str, annotations: dict[str, str] | None = None) -> dict[
     }
 
 
-def test_programs_compile_load_attach_and_clean_up() -> None:
-    cgroup = os.path.join(cgroup2_root(), f"kproxyd-test-{secrets.token_hex(3)}")  # ours, never the root
+@pytest.fixture
+def scratch() -> Iterator[tuple[str, str]]:
+    """A cgroup of our own (never the root) and a pin directory, both removed afterwards."""
+    cgroup = os.path.join(cgroup2_root(), f"kproxyd-test-{secrets.token_hex(3)}")
     pin = f"/sys/fs/bpf/kproxyd-test-{secrets.token_hex(3)}"
     os.mkdir(cgroup)
     try:
-        kernel = SockLbKernel(cgroup, pin)
-        started = time.monotonic()
-        kernel.load()
-        print(f"compile+load+attach: {time.monotonic() - started:.2f} s")
-        assert kernel.attached()
-        assert {"frontends", "slots", "counters", "affinity", "reverse", "prog_connect4"} <= set(os.listdir(pin))
-        assert kernel.read_image() == {}
-        assert sorted(detach_and_unpin(cgroup, pin)) == ["connect4", "getpeername4", "recvmsg4", "sendmsg4"]
-        assert not os.path.exists(pin)
-        assert detach_and_unpin(cgroup, pin) == []  # nothing there: a no-op, no compile
+        yield cgroup, pin
     finally:
         detach_and_unpin(cgroup, pin)
         os.rmdir(cgroup)
+
+
+def test_programs_compile_load_attach_and_clean_up(scratch: tuple[str, str]) -> None:
+    cgroup, pin = scratch
+    kernel = SockLbKernel(cgroup, pin)
+    started = time.monotonic()
+    kernel.load()
+    print(f"compile+load: {time.monotonic() - started:.2f} s")
+    assert not kernel.attached()  # attached only once the first write filled the maps
+    kernel.attach()
+    assert kernel.attached()
+    assert {"frontends", "slots", "counters", "affinity", "reverse", "prog_connect6"} <= set(os.listdir(pin))
+    assert kernel.read_image(4) == kernel.read_image(6) == {}
+    assert sorted(detach_and_unpin(cgroup, pin)) == sorted(HOOKS)  # the v4 and the v6 programs
+    assert not os.path.exists(pin)
+    assert detach_and_unpin(cgroup, pin) == []  # nothing there: a no-op, no compile
+
+
+def test_maps_pinned_by_an_earlier_layout_are_replaced(scratch: tuple[str, str]) -> None:
+    """bcc would reuse a pinned map of another key size as it is (the IPv4-only layout's 8-byte keys)."""
+    from bcc import BPF
+
+    cgroup, pin = scratch
+    os.makedirs(pin)
+    old = BPF(text=f'BPF_TABLE_PINNED("hash", u64, u64, frontends, 16, "{pin}/frontends");'.encode())
+    old.cleanup()
+    kernel = SockLbKernel(cgroup, pin)
+    kernel.load()
+    kernel.write({FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))}, [])
+    assert kernel.read_image(6) == {
+        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))
+    }
 
 
 @pytest.fixture(scope="module")
