@@ -24,7 +24,7 @@ ATTACHED = "eBPF socket load balancer attached"
 UDP = [{"name": "dns", "containerPort": 8053, "protocol": "UDP"}, {"name": "http", "containerPort": 8080}]
 
 
-def svc(name: str, app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def svc(name: str, app: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
     """A Service with TCP 80 -> 8080 and UDP 53 -> 8053."""
     ports = [
         {"name": "http", "port": 80, "targetPort": 8080},
@@ -34,7 +34,7 @@ def svc(name: str, app: str, annotations: dict[str, str] | None = None) -> dict[
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": "default", "annotations": annotations or {}},
-        "spec": {"selector": {"app": app}, "ports": ports},
+        "spec": {"selector": {"app": app}, "ports": ports, **spec},
     }
 
 
@@ -90,7 +90,7 @@ def cluster() -> Iterator[LabCluster]:
         lab.add_pod("web-0", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("web-1", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("client", "node1", {"app": "client"})
-        lab.create_service(svc("web", "web"))
+        lab.create_service(svc("web", "web", ipFamilyPolicy="RequireDualStack"))
         lab.start_proxy("node1", ["--proxy-mode=ebpf"])
         yield lab
 
@@ -163,19 +163,23 @@ def test_maglev_keeps_flows_when_a_backend_goes(cluster: LabCluster) -> None:
     assert len(moved) <= len(ports) * 0.1, moved  # only mag-3's flows (about 1/4) had to move
 
 
-def test_applications_see_the_service_address(cluster: LabCluster) -> None:
+@pytest.mark.parametrize("kind", ["IPv4", "IPv6", "IPv4-mapped"])
+def test_applications_see_the_service_address(cluster: LabCluster, kind: str) -> None:
     """getpeername() of a translated TCP connection, and recvfrom() of an unconnected UDP socket's reply,
-    show the cluster IP the application asked for, not the backend (getpeername4 and recvmsg4 programs).
+    show the cluster IP the application asked for, not the backend (the getpeername and recvmsg programs);
+    an IPv6 socket naming ::ffff:<IPv4 cluster IP> runs the "6" programs on the IPv4 frontend.
     """
-    ip = _cluster_ip(cluster, "web")
+    v4, v6 = cluster.service("web")["spec"]["clusterIPs"]
+    ip = {"IPv4": v4, "IPv6": v6, "IPv4-mapped": f"::ffff:{v4}"}[kind]
+    family = socket.AF_INET if kind == "IPv4" else socket.AF_INET6
     wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}), timeout=30, what="web served")
-    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_STREAM) as tcp:
+    with cluster.net.socket("client", family, socket.SOCK_STREAM) as tcp:
         tcp.settimeout(2)
         tcp.connect((ip, 80))
-        assert tcp.getpeername() == (ip, 80)
-    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert tcp.getpeername()[:2] == (ip, 80)
+    with cluster.net.socket("client", family, socket.SOCK_DGRAM) as udp:
         udp.settimeout(2)
         udp.sendto(b"HELLO\n", (ip, 53))
         data, peer = udp.recvfrom(4096)
-    assert peer == (ip, 53)
+    assert peer[:2] == (ip, 53)
     assert data.split()[0].decode() in {"web-0", "web-1"}

@@ -194,7 +194,7 @@ class EbpfBackend:
         if owners:
             for key, count in self._kernel.counters():
                 if key in owners:
-                    counters.append(FrontendCounter(str(owners[key]), str(key).upper(), count))
+                    counters.append(FrontendCounter(str(owners[key]), str(key), count))
         return counters
 
     def drifted(self) -> bool:

@@ -29,7 +29,8 @@ class FrontendKey:
     protocol: Protocol
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.protocol}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # as the nftables mode's counters name it
+        return f"{host}:{self.port}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True)
