@@ -44,6 +44,7 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.create_service(svc("dual", ipFamilyPolicy="RequireDualStack", type="NodePort"))
     lab.create_service(svc("only6", ipFamilies=["IPv6"]))
     lab.create_service(svc("empty6", "nothing", ipFamilies=["IPv6"]))
+    lab.create_service(svc("sticky6", ipFamilies=["IPv6"], sessionAffinity="ClientIP"))
     lab.create_service(svc("counted6", ipFamilies=["IPv6"]))  # only test_ipv6_cluster_ips_are_socket_balanced's
     for node in ("node1", "node2"):
         lab.start_proxy(node, [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
@@ -99,6 +100,11 @@ def test_ipv4_cluster_ip_from_an_ipv6_socket(cluster: LabCluster, proto: str) ->
 def test_ipv6_only_service(cluster: LabCluster) -> None:
     assert cluster.service("only6")["spec"]["clusterIPs"] == [ip6(cluster, "only6")]
     assert {r.pod for r in replies(cluster, "client1", ip6(cluster, "only6"), 80)} == BACKENDS
+
+
+@pytest.mark.parametrize("src", ["client1", "client2"])
+def test_ipv6_session_affinity(cluster: LabCluster, src: str) -> None:
+    assert len({r.pod for r in replies(cluster, src, ip6(cluster, "sticky6"), 80)}) == 1
 
 
 @pytest.mark.parametrize("node", ["node1", "node2"])

@@ -149,18 +149,25 @@ def _flows(lab: LabCluster, ip: str, ports: range) -> dict[int, str]:
 
 
 def test_maglev_keeps_flows_when_a_backend_goes(cluster: LabCluster) -> None:
+    """In both families: a dual-stack Service's IPv4 and IPv6 cluster IPs each hash flows Maglev's way."""
     for i in range(4):
         cluster.add_pod(f"mag-{i}", "node1", {"app": "mag"}, ports=UDP)
-    ip = cluster.create_service(svc("mag", "mag", {"kproxyd.io/lb-algorithm": "maglev"}))["spec"]["clusterIP"]
+    maglev = svc("mag", "mag", {"kproxyd.io/lb-algorithm": "maglev"}, ipFamilyPolicy="RequireDualStack")
+    ips = cluster.create_service(maglev)["spec"]["clusterIPs"]
     ports = range(43000, 43080)
-    wait_until(lambda: len(set(_flows(cluster, ip, range(43000, 43020)).values())) == 4, timeout=30, what="4 pods")
-    before = _flows(cluster, ip, ports)
-    assert before == _flows(cluster, ip, ports)  # a flow keeps its backend: hashed, not random
+    for ip in ips:
+        wait_until(
+            lambda ip=ip: len(set(_flows(cluster, ip, ports[:20]).values())) == 4, timeout=30, what="4 pods"
+        )
+    before = {ip: _flows(cluster, ip, ports) for ip in ips}
+    assert before == {ip: _flows(cluster, ip, ports) for ip in ips}  # a flow keeps its backend: hashed
     cluster.delete_pod("mag-3")
-    wait_until(lambda: "mag-3" not in _flows(cluster, ip, ports).values(), timeout=30, what="mag-3 gone")
-    after = _flows(cluster, ip, ports)
-    moved = [p for p in ports if before[p] != "mag-3" and after[p] != before[p]]
-    assert len(moved) <= len(ports) * 0.1, moved  # only mag-3's flows (about 1/4) had to move
+    for ip in ips:
+        wait_until(lambda ip=ip: "mag-3" not in _flows(cluster, ip, ports).values(), timeout=30, what="mag-3 gone")
+    for ip in ips:
+        after = _flows(cluster, ip, ports)
+        moved = [p for p in ports if before[ip][p] != "mag-3" and after[p] != before[ip][p]]
+        assert len(moved) <= len(ports) * 0.1, (ip, moved)  # only mag-3's flows (about 1/4) had to move
 
 
 @pytest.mark.parametrize("kind", ["IPv4", "IPv6", "IPv4-mapped"])
