@@ -82,7 +82,7 @@ def test_sctp_stays_with_nftables() -> None:
     state = plans((sctp, eps("10.0.1.2")))
     assert img.image(state, "random") == {}
     assert set(img.fallback_plans(state)) == {sctp.name}
-    assert img.dataplane(state[sctp.name]) == "nftables"
+    assert img.dataplane([state[sctp.name]]) == "nftables(sctp)"
 
 
 def test_image_of_an_ipv6_cluster_ip() -> None:
@@ -95,14 +95,14 @@ def test_image_of_an_ipv6_cluster_ip() -> None:
     assert image[img.address_key("fd00:96::10")] == img.ADDRESS_ENTRY
     assert set(image[img.FrontendKey("fd00:96::11", 80, Protocol.TCP)].slots) == {("fd00:244::2", 80)}
     assert img.fallback_plans(state) == {}  # IPv6 cluster IPs are eBPF's too: nothing falls back
-    assert img.dataplane(state[six.name]) == "ebpf(cluster-ip v6)"
+    assert img.dataplane([state[six.name]]) == "ebpf(cluster-ip v6)"
 
 
 def test_ipv6_node_port_falls_back_without_its_cluster_ip() -> None:
     port = svc(spn(), "fd00:96::10", node_port=30080)
     fallback = img.fallback_plans(plans((port, eps("fd00:244::2"))))
     assert fallback[port.name].port.cluster_ips == ()
-    assert img.dataplane(plans((port, eps("fd00:244::2")))[port.name]) == "ebpf(cluster-ip v6)+nftables(external)"
+    assert img.dataplane(plans((port, eps("fd00:244::2"))).values()) == "ebpf(cluster-ip v6)+nftables(external)"
 
 
 @pytest.mark.parametrize(("ip", "mapped"), [("10.96.0.10", "::ffff:10.96.0.10"), ("fd00:96::10", "fd00:96::10")])
@@ -120,10 +120,7 @@ def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
     assert list(fallback) == [node_port.name]
     assert fallback[node_port.name].port.cluster_ips == ()
     assert fallback[node_port.name].port.node_port == 30080
-    assert (
-        img.dataplane(plans((node_port, eps("10.0.1.2")))[node_port.name])
-        == "ebpf(cluster-ip v4)+nftables(external)"
-    )
+    assert img.dataplane(plans((node_port, eps("10.0.1.2"))).values()) == "ebpf(cluster-ip v4)+nftables(external)"
 
 
 @dataclass

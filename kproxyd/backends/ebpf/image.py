@@ -8,7 +8,7 @@ balancer already serves.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.ebpf.maglev import maglev_table
@@ -106,14 +106,18 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
     return out
 
 
-def dataplane(plan: ServicePlan) -> str:
-    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs)."""
-    if plan.port.protocol not in SOCKET_PROTOCOLS:
-        return "nftables"
-    families = "+".join(f"v{family}" for family in sorted({family_of(ip) for ip in plan.port.cluster_ips}))
-    parts = [f"ebpf(cluster-ip {families})"]
-    if plan.port.externally_accessible:
+def dataplane(plans: Iterable[ServicePlan]) -> str:
+    """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status`:
+    e.g. "ebpf(cluster-ip v4+v6)+nftables(external)".
+    """
+    plans = list(plans)
+    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
+    families = sorted({family_of(ip) for plan in balanced for ip in plan.port.cluster_ips})
+    parts = [f"ebpf(cluster-ip {'+'.join(f'v{family}' for family in families)})"] if families else []
+    if any(plan.port.externally_accessible for plan in balanced):
         parts.append("nftables(external)")
+    if len(balanced) < len(plans):
+        parts.append("nftables(sctp)")
     return "+".join(parts)
 
 
