@@ -1,9 +1,11 @@
-"""The eBPF Backend: IPv4 TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
+"""The eBPF Backend: TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
 incrementally), everything else through an nftables fallback that renders only what eBPF does not carry.
+There is one backend per IP family, as in every mode; both write the one socket load balancer's maps.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -34,26 +36,37 @@ def cgroup_of(config: ProxyConfig) -> str:
     return config.cgroup_root or cgroup2_root()
 
 
+@functools.cache
+def socket_lb(cgroup: str, pin_path: str) -> SockLbKernel:
+    """The process's socket load balancer for a cgroup and pin directory, shared by both families' backends
+    (one load, one slot revision counter for the one map set).
+    """
+    return SockLbKernel(cgroup, pin_path)
+
+
 class EbpfBackend:
-    """Socket load balancing for IPv4 cluster IPs; the nftables fallback for external frontends (and SCTP)."""
+    """Socket load balancing for one family's cluster IPs; the nftables fallback for external frontends (and
+    SCTP).
+    """
 
     name = "ebpf"
 
-    def __init__(self, config: ProxyConfig, fallback: Fallback, kernel: SockLbKernel | None = None) -> None:
-        """kernel None: the family has no socket load balancer (IPv6): the fallback does everything."""
+    def __init__(self, config: ProxyConfig, fallback: Fallback, kernel: SockLbKernel, family: int = 4) -> None:
         self._config = config
         self._fallback = fallback
         self._kernel = kernel
-        self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
+        self._family = family
+        self._ports: dict[ServicePortName, img.Image] = {}  # what the maps hold for this family
+        self._generation = 0  # the kernel load _ports was read from; another one: unknown, reread
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
         self._fallback_live = False  # its table exists (written by this process)
         self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
-        """IPv4: the socket load balancer on the configured cgroup and pin path; IPv6: nftables only."""
-        kernel = SockLbKernel(cgroup_of(config), config.bpf_pin_path) if family == 4 else None
-        return cls(config, NftablesBackend.for_config(config, family), kernel)
+        """The socket load balancer on the configured cgroup and pin path, this family's nftables fallback."""
+        kernel = socket_lb(cgroup_of(config), config.bpf_pin_path)
+        return cls(config, NftablesBackend.for_config(config, family), kernel, family)
 
     def apply(
         self,
@@ -62,10 +75,10 @@ class EbpfBackend:
         node: NodeInfo,
     ) -> WriteStats:
         """Maps first (only what changed), then the nftables fallback for the plans it renders."""
-        writes = self._write_maps(plans, changed) if self._kernel is not None else 0
+        writes = self._write_maps(plans, changed)
         stats = WriteStats()
         if changed is None:
-            self._fallback_plans = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
+            self._fallback_plans = img.fallback_plans(plans)
             stats = self._apply_fallback(None, node)
         elif fallback_changed := self._update_fallback(plans, changed):
             stats = self._apply_fallback(fallback_changed, node)
@@ -90,7 +103,7 @@ class EbpfBackend:
         touched = {name for name in changed if name in self._fallback_plans}
         for name in changed:
             plan = plans.get(name)
-            fallback = (img.fallback_plan(plan) if self._kernel is not None else plan) if plan else None
+            fallback = img.fallback_plan(plan) if plan else None
             if fallback is None:
                 self._fallback_plans.pop(name, None)
             else:
@@ -102,15 +115,16 @@ class EbpfBackend:
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None
     ) -> int:
         kernel = self._kernel
-        assert kernel is not None
         algorithm = self._config.ebpf_lb_algorithm
         started = time.monotonic()
         try:
-            first = self._ports is None
-            if self._ports is None:
+            if not kernel.loaded:
                 kernel.load()
-                old = kernel.read_image()  # an earlier run's maps: rewrite only what differs
+            first = self._generation != kernel.generation  # our first sync, or (either family) reloaded since
+            if first:
+                old = kernel.read_image(self._family)  # an earlier run's maps: rewrite only what differs
                 self._ports, self._addresses = {}, Counter()
+                self._generation = kernel.generation
                 names: set[ServicePortName] = set(plans)
             else:
                 old = {}
@@ -118,8 +132,9 @@ class EbpfBackend:
             new = self._replace_ports(plans, names, old, algorithm, first)
             upserts, deletes = img.diff(old, new)
             writes = kernel.write(upserts, deletes)
+            kernel.attach()
         except Exception:
-            self._ports = None  # unknown after a failure: reload and reread on the next sync
+            kernel.invalidate()  # unknown after a failure: reload, and both families reread, on the next sync
             raise
         log.debug(
             "eBPF maps written",
@@ -142,7 +157,6 @@ class EbpfBackend:
         """Replace the named ports' images in place (O(changed)); add what they held to old, return what they
         hold now, each with the address entries of the cluster IPs that appear or disappear.
         """
-        assert self._ports is not None
         ports, addresses = self._ports, self._addresses
         before: dict[str, int] = {}
         new: img.Image = {}
@@ -169,27 +183,29 @@ class EbpfBackend:
 
     def frontends(self) -> dict[img.FrontendKey, ServicePortName]:
         """The ServicePort of each frontend in the maps."""
-        return {key: name for name, image in (self._ports or {}).items() for key in image}
+        if not self._kernel.loaded or self._generation != self._kernel.generation:
+            return {}  # unknown until the next sync rereads the maps
+        return {key: name for name, image in self._ports.items() for key in image}
 
     def connection_counters(self) -> list[FrontendCounter]:
         """Translated connections per cluster-IP frontend from the counters map, plus the fallback's."""
         counters = self._fallback.connection_counters()
         owners = self.frontends()
-        if self._kernel is not None and owners:
+        if owners:
             for key, count in self._kernel.counters():
                 if key in owners:
-                    counters.append(FrontendCounter(str(owners[key]), str(key).upper(), count))
+                    counters.append(FrontendCounter(str(owners[key]), str(key), count))
         return counters
 
     def drifted(self) -> bool:
         """True when our programs were detached or unpinned behind our back (then reload), or the fallback's
         table was removed.
         """
-        if self._kernel is not None and self._ports is not None and not self._kernel.attached():
+        if self._kernel.loaded and not self._kernel.attached():
             log.warning(
                 "eBPF programs detached or unpinned behind our back: reloading", pin=self._config.bpf_pin_path
             )
-            self._ports = None
+            self._kernel.invalidate()
             return True
         return self._fallback.drifted()
 

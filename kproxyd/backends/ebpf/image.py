@@ -1,13 +1,14 @@
 """Plans → what the eBPF maps must hold (pure): one entry per Service frontend, with its backend slots.
 
-The socket load balancer carries IPv4 TCP and UDP cluster IPs. Node ports, external and load-balancer
-IPs arriving from the network (and SCTP, and IPv6) are left to the nftables fallback: fallback_plans
-says which plans, stripped of the cluster IPs the socket load balancer already serves.
+The socket load balancer carries TCP and UDP cluster IPs of both families (one image per family: plans come
+per family). Node ports, external and load-balancer IPs arriving from the network (and SCTP) are left to
+the nftables fallback: fallback_plans says which plans, stripped of the cluster IPs the socket load
+balancer already serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.ebpf.maglev import maglev_table
@@ -28,7 +29,8 @@ class FrontendKey:
     protocol: Protocol
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.protocol}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # as the nftables mode's counters name it
+        return f"{host}:{self.port}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +45,9 @@ class FrontendEntry:
 Image = dict[FrontendKey, FrontendEntry]
 
 
-def _ipv4(ip: str) -> bool:
-    return ":" not in ip  # addresses were validated at conversion: no need to parse them on every sync
+def family_of(ip: str) -> int:
+    """4 or 6 (addresses were validated at conversion: no need to parse them on every sync)."""
+    return 6 if ":" in ip else 4
 
 
 ADDRESS_ENTRY = FrontendEntry((), F_NO_ENDPOINTS)
@@ -57,7 +60,7 @@ def address_key(ip: str) -> FrontendKey:
 
 def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
     """The entry for plan's cluster IPs: its internal endpoints, or a failing entry when it has none."""
-    backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints if _ipv4(ep.ip))
+    backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints)  # the plan's family (tracker split)
     affinity = plan.port.session_affinity_timeout or 0
     if not backends:
         return FrontendEntry((), F_NO_ENDPOINTS, affinity)
@@ -68,14 +71,11 @@ def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
 
 
 def plan_image(plan: ServicePlan, algorithm: str) -> Image:
-    """The frontends one plan puts in the maps (none for SCTP or IPv6)."""
-    if plan.port.protocol not in SOCKET_PROTOCOLS:
-        return {}
-    cluster_ips = [ip for ip in plan.port.cluster_ips if _ipv4(ip)]
-    if not cluster_ips:
+    """The frontends one plan puts in the maps (none for SCTP)."""
+    if plan.port.protocol not in SOCKET_PROTOCOLS or not plan.port.cluster_ips:
         return {}
     entry = frontend_entry(plan, algorithm)
-    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in cluster_ips}
+    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in plan.port.cluster_ips}
 
 
 def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str) -> Image:
@@ -106,15 +106,18 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
     return out
 
 
-def dataplane(plan: ServicePlan) -> str:
-    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs)."""
-    if plan.port.protocol not in SOCKET_PROTOCOLS:
-        return "nftables"
-    parts = ["ebpf(cluster-ip v4)"]
-    if any(not _ipv4(ip) for ip in plan.port.cluster_ips):
-        parts.append("nftables(cluster-ip v6)")
-    if plan.port.externally_accessible:
+def dataplane(plans: Iterable[ServicePlan]) -> str:
+    """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status`:
+    e.g. "ebpf(cluster-ip v4+v6)+nftables(external)".
+    """
+    plans = list(plans)
+    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
+    families = sorted({family_of(ip) for plan in balanced for ip in plan.port.cluster_ips})
+    parts = [f"ebpf(cluster-ip {'+'.join(f'v{family}' for family in families)})"] if families else []
+    if any(plan.port.externally_accessible for plan in balanced):
         parts.append("nftables(external)")
+    if len(balanced) < len(plans):
+        parts.append("nftables(sctp)")
     return "+".join(parts)
 
 
