@@ -112,7 +112,7 @@ class TimedNft(NftKernel):
         super().send(batch)
         self.calls += 1
         self.kernel_s += time.perf_counter() - start
-        self.bytes += len(batch.payload())
+        self.bytes += batch.size
 
 
 def variants(n: int) -> Iterator[str]:

@@ -7,8 +7,10 @@ netlink writer. Each statement encodes to what nft 1.0.6 itself sends for the sa
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from kproxyd.backends.nftables.netlink import (
@@ -19,6 +21,7 @@ from kproxyd.backends.nftables.netlink import (
     data_value,
     expr,
     string,
+    tail,
     u32,
     verdict_data,
 )
@@ -40,6 +43,7 @@ _ADDR_LEN = {"ip": 4, "ip6": 16}
 _PORT_UNREACHABLE = {"ip": 3, "ip6": 4}  # ICMP / ICMPv6 code of nft's plain `reject`
 
 
+@functools.cache
 def payload(base: int, offset: int, length: int, dreg: int = REG_1) -> bytes:
     """Load packet bytes into a register."""
     return expr("payload", u32(1, dreg), u32(2, base), u32(3, offset), u32(4, length))
@@ -47,14 +51,21 @@ def payload(base: int, offset: int, length: int, dreg: int = REG_1) -> bytes:
 
 def cmp(op: int, value: bytes, sreg: int = REG_1) -> bytes:
     """Compare a register with a value."""
-    return expr("cmp", u32(1, sreg), u32(2, op), data_value(3, value))
+    return tail(_cmp(op, sreg), value)
 
 
+@functools.cache
+def _cmp(op: int, sreg: int) -> Callable[[bytes], bytes]:
+    return lambda value: expr("cmp", u32(1, sreg), u32(2, op), data_value(3, value))
+
+
+@functools.cache
 def meta(key: int, dreg: int = REG_1) -> bytes:
     """Load packet metadata into a register."""
     return expr("meta", u32(1, dreg), u32(2, key))
 
 
+@functools.cache
 def bitwise(mask: bytes, xor: bytes, reg: int = REG_1) -> bytes:
     """reg = (reg & mask) ^ xor."""
     return expr("bitwise", u32(1, reg), u32(2, reg), u32(3, len(mask)), data_value(4, mask), data_value(5, xor))
@@ -62,12 +73,26 @@ def bitwise(mask: bytes, xor: bytes, reg: int = REG_1) -> bytes:
 
 def immediate_verdict(verdict: str, chain: str = "") -> bytes:
     """Set the verdict register."""
-    return expr("immediate", u32(1, REG_VERDICT), verdict_data(2, verdict, chain))
+    if chain:
+        return tail(_immediate_verdict(verdict), chain.encode() + b"\0")
+    return expr("immediate", u32(1, REG_VERDICT), verdict_data(2, verdict))
+
+
+@functools.cache
+def _immediate_verdict(verdict: str) -> Callable[[bytes], bytes]:
+    code = u32(1, REG_VERDICT)
+    # verdict_data's own template ends with the chain name, so this expression does too
+    return lambda chain: expr("immediate", code, verdict_data(2, verdict, chain[:-1].decode()))
 
 
 def immediate(value: bytes, dreg: int) -> bytes:
     """Load a constant into a register."""
-    return expr("immediate", u32(1, dreg), data_value(2, value))
+    return tail(_immediate(dreg), value)
+
+
+@functools.cache
+def _immediate(dreg: int) -> Callable[[bytes], bytes]:
+    return lambda value: expr("immediate", u32(1, dreg), data_value(2, value))
 
 
 def lookup(name: str, sreg: int = REG_1, vmap: bool = False) -> bytes:
@@ -108,23 +133,31 @@ class Addr(NamedTuple):
 
     def encode(self) -> tuple[bytes, ...]:
         """nft's encoding: whole bytes of the prefix when it ends on a byte, else load, mask and compare."""
-        net = ipaddress.ip_network(self.value, strict=False)
         offset, size, op = (
             _ADDR_OFFSETS[self.family, self.field],
             _ADDR_LEN[self.family],
             CMP_NEQ if self.negate else CMP_EQ,
         )
-        if net.prefixlen == 0:
-            raise Unsupported(f"zero-length prefix {self.value}")
-        if net.prefixlen % 8 == 0:
-            size = net.prefixlen // 8
-            return payload(PAYLOAD_NETWORK, offset, size), cmp(op, net.network_address.packed[:size])
-        mask = net.netmask.packed
-        return (
-            payload(PAYLOAD_NETWORK, offset, size),
-            bitwise(mask, bytes(size)),
-            cmp(op, net.network_address.packed),
-        )
+        if "/" not in self.value:  # one address (most rules): no network arithmetic
+            return payload(PAYLOAD_NETWORK, offset, size), cmp(op, address(self.value))
+        return _prefix_match(offset, size, op, self.value)
+
+
+@functools.cache  # prefixes come from the node's configuration: few
+def _prefix_match(offset: int, size: int, op: int, value: str) -> tuple[bytes, ...]:
+    """A prefix match as nft encodes it."""
+    net = ipaddress.ip_network(value, strict=False)
+    if net.prefixlen == 0:
+        raise Unsupported(f"zero-length prefix {value}")
+    if net.prefixlen % 8 == 0:
+        size = net.prefixlen // 8
+        return payload(PAYLOAD_NETWORK, offset, size), cmp(op, net.network_address.packed[:size])
+    mask = net.netmask.packed
+    return (
+        payload(PAYLOAD_NETWORK, offset, size),
+        bitwise(mask, bytes(size)),
+        cmp(op, net.network_address.packed),
+    )
 
 
 class AddrIn(NamedTuple):
@@ -358,19 +391,20 @@ class Dnat(NamedTuple):
 
     def encode(self) -> tuple[bytes, ...]:
         """Address into reg 1, port into reg 2, DNAT with a specified port."""
-        family = 2 if self.family == "ip" else 10
         return (
             immediate(address(self.ip), REG_1),
             immediate(struct.pack(">H", self.port), REG_1 + 1),
-            expr(
-                "nat",
-                u32(1, NAT_DNAT),
-                u32(2, family),
-                u32(3, REG_1),
-                u32(5, REG_1 + 1),
-                u32(7, NAT_PROTO_SPECIFIED),
-            ),
+            _dnat(self.family),
         )
+
+
+@functools.cache
+def _dnat(family: str) -> bytes:
+    """DNAT to the address in reg 1 and the port in reg 2."""
+    nfproto = 2 if family == "ip" else 10
+    return expr(
+        "nat", u32(1, NAT_DNAT), u32(2, nfproto), u32(3, REG_1), u32(5, REG_1 + 1), u32(7, NAT_PROTO_SPECIFIED)
+    )
 
 
 class UpdateSet(NamedTuple):
@@ -447,9 +481,28 @@ class Rule:
         """The hash of the text."""
         return hash(self.text)
 
-    def expressions(self) -> list[bytes]:
-        """The rule's netlink expression list."""
-        return [encoded for stmt in self.stmts for encoded in stmt.encode()]
+    def expressions(self) -> bytes:
+        """The rule's netlink expression list (the list's elements, without its header)."""
+        return b"".join([_encode(stmt) for stmt in self.stmts])
+
+
+# Statements whose values come from a small set (protocols, ports, moduli, the node's configuration): each
+# distinct one is encoded once. Keyed with the type: NamedTuples of equal fields compare equal across types.
+_BOUNDED = frozenset(
+    {PortMatch, L4Proto, CtStateNew, FibLocal, IifName, Numgen, MarkClear, MarkSet, Reject, Masquerade, Vmap}
+)
+_ENCODED: dict[tuple[type, Stmt], bytes] = {}
+
+
+def _encode(stmt: Stmt) -> bytes:
+    """A statement's expressions, joined; from _ENCODED for the bounded kinds."""
+    kind = type(stmt)
+    if kind not in _BOUNDED:
+        return b"".join(stmt.encode())
+    encoded = _ENCODED.get((kind, stmt))
+    if encoded is None:
+        encoded = _ENCODED[kind, stmt] = b"".join(stmt.encode())
+    return encoded
 
 
 def rule(*stmts: Stmt, comment: str | None = None) -> Rule:
