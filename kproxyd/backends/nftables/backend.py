@@ -124,7 +124,7 @@ class NftablesBackend:
         return stats
 
     def _write(self, tx: Transaction, full: bool, ports: int) -> WriteStats:
-        if not tx.lines:
+        if not tx.commands:
             return WriteStats()
         writer, size = "nft", 0
         if self._kernel.netlink:
@@ -142,9 +142,9 @@ class NftablesBackend:
             size = len(text)
             self._kernel.run(text)
         log.debug(
-            "nftables rules written", full=full, ports=ports, commands=len(tx.lines), bytes=size, writer=writer
+            "nftables rules written", full=full, ports=ports, commands=tx.commands, bytes=size, writer=writer
         )
-        return WriteStats(bytes=size, lines=len(tx.lines))
+        return WriteStats(bytes=size, lines=tx.commands)
 
     def connection_counters(self) -> list[FrontendCounter]:
         """New connections per frontend: the element counters of the service-ips and service-nodeports maps."""

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
 
 # Netlink and nfnetlink framing.
 NETLINK_NETFILTER = 12
@@ -197,6 +198,30 @@ def udata(kind: int, value: bytes) -> bytes:
     return bytes((kind, len(value))) + value
 
 
+class Encodable(Protocol):
+    """A rule the batch can write: its expression list (without the list's header) and comment."""
+
+    @property
+    def comment(self) -> str | None:
+        """The rule's comment, if any."""
+        ...
+
+    def expressions(self) -> bytes:
+        """The encoded expressions."""
+        ...
+
+
+class EncodedRule(NamedTuple):
+    """A rule already encoded."""
+
+    encoded: bytes
+    comment: str | None = None
+
+    def expressions(self) -> bytes:
+        """The encoded expressions."""
+        return self.encoded
+
+
 class Batch:
     """The messages of one nf_tables transaction against one table; the kernel applies all or none."""
 
@@ -242,16 +267,17 @@ class Batch:
 
     def add_rule(self, chain: str, expressions: bytes, comment: str | None = None) -> None:
         """`add rule`: append a rule of encoded expressions, with nft's comment userdata."""
-        self.add_rules(chain, ((expressions, comment),))
+        self.add_rules(chain, (EncodedRule(expressions, comment),))
 
-    def add_rules(self, chain: str, rules: Iterable[tuple[bytes, str | None]]) -> None:
-        """Append rules (encoded expression list, comment) to one chain; the hot loop of a full sync."""
+    def add_rules(self, chain: str, rules: Iterable[Encodable]) -> None:
+        """Append rules to one chain; the hot loop of a full sync."""
         head = self._nfgenmsg + self._table + string(RULE_CHAIN, chain)
         kind, flags = NEWRULE | NFNL_SUBSYS_NFTABLES << 8, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
         size = 16 + len(head) + 4
         pack_message, pack_attr, listed = _NLMSG.pack, _HEADER.pack, RULE_EXPRESSIONS | NLA_F_NESTED
         messages = self.messages
-        for expressions, comment in rules:
+        for rule in rules:
+            expressions, comment = rule.expressions(), rule.comment
             userdata = b"" if comment is None else attr(RULE_USERDATA, comment_userdata(comment))
             length = size + len(expressions) + len(userdata)
             header = pack_message(length, kind, flags, len(messages) + 1, 0)

@@ -483,7 +483,17 @@ class Rule:
 
     def expressions(self) -> bytes:
         """The rule's netlink expression list (the list's elements, without its header)."""
-        return b"".join([_encode(stmt) for stmt in self.stmts])
+        parts = []
+        for stmt in self.stmts:  # the hot loop of a full sync: _encode inlined
+            kind = type(stmt)
+            if kind in _BOUNDED:
+                encoded = _ENCODED.get((kind, stmt))
+                if encoded is None:
+                    encoded = _ENCODED[kind, stmt] = b"".join(stmt.encode())
+                parts.append(encoded)
+            else:
+                parts.extend(stmt.encode())
+        return b"".join(parts)
 
 
 # Statements whose values come from a small set (protocols, ports, moduli, the node's configuration): each
@@ -492,17 +502,6 @@ _BOUNDED = frozenset(
     {PortMatch, L4Proto, CtStateNew, FibLocal, IifName, Numgen, MarkClear, MarkSet, Reject, Masquerade, Vmap}
 )
 _ENCODED: dict[tuple[type, Stmt], bytes] = {}
-
-
-def _encode(stmt: Stmt) -> bytes:
-    """A statement's expressions, joined; from _ENCODED for the bounded kinds."""
-    kind = type(stmt)
-    if kind not in _BOUNDED:
-        return b"".join(stmt.encode())
-    encoded = _ENCODED.get((kind, stmt))
-    if encoded is None:
-        encoded = _ENCODED[kind, stmt] = b"".join(stmt.encode())
-    return encoded
 
 
 def rule(*stmts: Stmt, comment: str | None = None) -> Rule:

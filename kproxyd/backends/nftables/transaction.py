@@ -61,60 +61,78 @@ class Transaction:
         self.family = family
         self.table = table
         self._table = f"{family} {table}"
-        self.lines: list[str] = []
-        self._ops: list[_Op] = []
+        self.commands = 0  # how many `nft -f` lines it makes
+        self._ops: list[tuple[Callable[[], list[str]], _Op]] = []
+
+    def _add(self, lines: Callable[[], list[str]], write: _Op, count: int = 1) -> None:
+        """One command: its `nft -f` lines (made only when text is wanted) and its netlink writer."""
+        self.commands += count
+        self._ops.append((lines, write))
 
     def add_table(self, comment: str) -> None:
         """`add table ip kube-proxy { comment "…" ; }`."""
-        self.lines.append(f'add table {self._table} {{ comment "{comment}" ; }}')
-        self._ops.append(lambda batch: batch.add_table(comment))
+        line = f'add table {self._table} {{ comment "{comment}" ; }}'
+        self._add(lambda: [line], lambda batch: batch.add_table(comment))
 
     def add_base_chain(self, chain: BaseChain) -> None:
         """`add chain ip kube-proxy NAME { type T hook H priority P ; }`."""
         spec = f"type {chain.type} hook {chain.hook} priority {chain.priority} ;"
-        self.lines.append(f"add chain {self._table} {chain.name} {{ {spec} }}")
-        self._ops.append(lambda batch: batch.add_base_chain(chain.name, chain.type, chain.hook, chain.priority))
+        line = f"add chain {self._table} {chain.name} {{ {spec} }}"
+        self._add(
+            lambda: [line], lambda batch: batch.add_base_chain(chain.name, chain.type, chain.hook, chain.priority)
+        )
 
     def command(self, verb: str, kind: str, name: str) -> None:
         """`add|flush|delete chain NAME`, `flush|delete set|map NAME`."""
-        self.lines.append(f"{verb} {kind} {self._table} {name}")
-        self._ops.append(functools.partial(_netlink_command, verb=verb, kind=kind, name=name))
+        line = f"{verb} {kind} {self._table} {name}"
+        self._add(lambda: [line], functools.partial(_netlink_command, verb=verb, kind=kind, name=name))
 
     def add_set(self, spec: SetSpec) -> None:
         """`add set` / `add map` with its declaration."""
-        self.lines.append(f"add {spec.kind} {self._table} {spec.name} {{ {spec.body} }}")
-        self._ops.append(functools.partial(_netlink_set, spec=spec))
+        line = f"add {spec.kind} {self._table} {spec.name} {{ {spec.body} }}"
+        self._add(lambda: [line], functools.partial(_netlink_set, spec=spec))
 
     def rules(self, chain: str, rules: tuple[Rule, ...]) -> None:
         """Append rules to a chain."""
-        self.lines.extend(f"add rule {self._table} {chain} {rule.text}" for rule in rules)
-        self._ops.append(
-            lambda batch: batch.add_rules(chain, [(rule.expressions(), rule.comment) for rule in rules])
+        prefix = f"add rule {self._table} {chain} "
+        self._add(
+            lambda: [prefix + rule.text for rule in rules], lambda batch: batch.add_rules(chain, rules), len(rules)
         )
 
     def elements(self, verb: str, target: str, items: list[tuple[str, str]]) -> None:
         """Add or delete (key, verdict or "") elements, a thousand per command."""
-        texts = [_element(key, value) for key, value in items]
-        for start in range(0, len(texts), _ELEMENTS_PER_COMMAND):
-            chunk = ", ".join(texts[start : start + _ELEMENTS_PER_COMMAND])
-            self.lines.append(f"{verb} element {self._table} {target} {{ {chunk} }}")
         if items:
-            self._ops.append(
-                lambda batch: batch.elements(
-                    verb, target, [(element_key(k), element_verdict(v)) for k, v in items]
-                )
-            )
+            lines = functools.partial(_element_lines, f"{verb} element {self._table} {target}", items)
+            write = functools.partial(_netlink_elements, verb=verb, target=target, items=items)
+            self._add(lines, write, -(-len(items) // _ELEMENTS_PER_COMMAND))
+
+    @property
+    def lines(self) -> list[str]:
+        """The `nft -f` lines."""
+        return [line for lines, _ in self._ops for line in lines()]
 
     def text(self) -> str:
         """The nft input, "" when there is nothing to do."""
-        return "\n".join([*self.lines, ""]) if self.lines else ""
+        lines = self.lines
+        return "\n".join([*lines, ""]) if lines else ""
 
     def batch(self) -> Batch:
         """The same transaction as one netlink batch; raises Unsupported for what only `nft -f` writes."""
         batch = Batch(self.family, self.table)
-        for op in self._ops:
-            op(batch)
+        for _, write in self._ops:
+            write(batch)
         return batch
+
+
+def _element_lines(command: str, items: list[tuple[str, str]]) -> list[str]:
+    """`add|delete element … { k : v, … }`, a thousand elements per line."""
+    texts = [_element(key, value) for key, value in items]
+    chunks = range(0, len(texts), _ELEMENTS_PER_COMMAND)
+    return [f"{command} {{ {', '.join(texts[start : start + _ELEMENTS_PER_COMMAND])} }}" for start in chunks]
+
+
+def _netlink_elements(batch: Batch, verb: str, target: str, items: list[tuple[str, str]]) -> None:
+    batch.elements(verb, target, [(element_key(key), element_verdict(value)) for key, value in items])
 
 
 def _netlink_command(batch: Batch, verb: str, kind: str, name: str) -> None:
