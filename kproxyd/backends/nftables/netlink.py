@@ -230,16 +230,20 @@ class Batch:
         self.family = family
         self._table = string(TABLE_NAME, table)  # every message kind names its table in attribute 1
         self._nfgenmsg = struct.pack("=BBH", NFPROTO[family], 0, 0)
-        self.messages: list[bytes] = []
+        # One buffer from BATCH_BEGIN on: a full sync's 100 MB are neither held twice nor joined.
+        self._data = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, 0))
+        self.count = 0  # messages so far; a message's sequence number is its 1-based index
+        self._last = 0  # where the last message starts
 
     def _add(self, kind: int, flags: int, *attrs: bytes) -> None:
         """Append one message: nlmsghdr, nfgenmsg (family, version 0, res_id 0), attributes."""
         body = b"".join(attrs)
         kind |= NFNL_SUBSYS_NFTABLES << 8
-        seq = len(self.messages) + 1
-        self.messages.append(
-            _NLMSG.pack(20 + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + self._nfgenmsg + body
-        )
+        self.count += 1
+        self._last = len(self._data)
+        self._data += _NLMSG.pack(20 + len(body), kind, NLM_F_REQUEST | flags, self.count, 0)
+        self._data += self._nfgenmsg
+        self._data += body
 
     def add_table(self, comment: str) -> None:
         """`add table { comment … }`: create the table unless it exists."""
@@ -275,13 +279,18 @@ class Batch:
         kind, flags = NEWRULE | NFNL_SUBSYS_NFTABLES << 8, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
         size = 16 + len(head) + 4
         pack_message, pack_attr, listed = _NLMSG.pack, _HEADER.pack, RULE_EXPRESSIONS | NLA_F_NESTED
-        messages = self.messages
+        data, count = self._data, self.count
         for rule in rules:
             expressions, comment = rule.expressions(), rule.comment
             userdata = b"" if comment is None else attr(RULE_USERDATA, comment_userdata(comment))
-            length = size + len(expressions) + len(userdata)
-            header = pack_message(length, kind, flags, len(messages) + 1, 0)
-            messages.append(header + head + pack_attr(4 + len(expressions), listed) + expressions + userdata)
+            count += 1
+            self._last = len(data)
+            data += pack_message(size + len(expressions) + len(userdata), kind, flags, count, 0)
+            data += head
+            data += pack_attr(4 + len(expressions), listed)
+            data += expressions
+            data += userdata
+        self.count = count
 
     def add_set(
         self,
@@ -299,7 +308,7 @@ class Batch:
             attrs += [u32(SET_DATA_TYPE, DATA_TYPE_VERDICT), u32(SET_DATA_LEN, 0)]
         if timeout_ms is not None:
             attrs.append(attr(SET_TIMEOUT, struct.pack(">Q", timeout_ms)))
-        attrs.append(u32(SET_ID, len(self.messages) + 1))
+        attrs.append(u32(SET_ID, self.count + 1))
         if userdata:
             attrs.append(attr(SET_USERDATA, userdata))
         if counter:  # the set's expression: the kernel gives every element added without one its own copy
@@ -331,19 +340,30 @@ class Batch:
 
     @property
     def size(self) -> int:
-        """The payload's length in bytes (the two batch markers are 20 bytes each)."""
-        return sum(map(len, self.messages)) + 40 if self.messages else 0
+        """The payload's length in bytes (with the 20-byte batch markers), 0 without messages."""
+        return len(self._data) + 20 if self.count else 0
+
+    def chunks(self) -> tuple[bytes | bytearray, ...]:
+        """BATCH_BEGIN and the messages, then BATCH_END (one sendmsg); only the last message asks for an ack."""
+        if not self.count:
+            return ()
+        flags = self._last + 6
+        struct.pack_into("=H", self._data, flags, struct.unpack_from("=H", self._data, flags)[0] | NLM_F_ACK)
+        return self._data, _batch_marker(NFNL_MSG_BATCH_END, self.count + 1)
 
     def payload(self) -> bytes:
-        """BATCH_BEGIN, the messages, BATCH_END; only the last message asks for an acknowledgement."""
-        if not self.messages:
-            return b""
-        last = bytearray(self.messages[-1])
-        struct.pack_into("=H", last, 6, struct.unpack_from("=H", last, 6)[0] | NLM_F_ACK)
-        parts = [_batch_marker(NFNL_MSG_BATCH_BEGIN, 0), *self.messages]
-        parts[-1] = bytes(last)
-        parts.append(_batch_marker(NFNL_MSG_BATCH_END, len(self.messages) + 1))
-        return b"".join(parts)
+        """The chunks as one bytes object."""
+        return b"".join(self.chunks())
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The messages one by one, for tests and debugging."""
+        found, offset = [], 20
+        while offset < len(self._data):
+            length = struct.unpack_from("=I", self._data, offset)[0]
+            found.append(bytes(self._data[offset : offset + length]))
+            offset += length
+        return found
 
 
 class NetlinkError(RuntimeError):
@@ -378,22 +398,21 @@ class NetlinkSocket:
 
     def send(self, batch: Batch) -> None:
         """Send one batch and wait for the kernel's verdict on it; raises NetlinkError on refusal."""
-        data = batch.payload()
-        if not data:
+        size = batch.size
+        if not size:
             return
-        if len(data) > self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32:
+        if size > self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32:
             try:  # as nft does: one sendmsg carries the whole batch, whatever its size
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data))
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
             except PermissionError as why:
-                raise Unsupported(f"a {len(data)}-byte batch exceeds the socket's send buffer") from why
-        self._sock.sendall(data)
-        last = len(batch.messages)
+                raise Unsupported(f"a {size}-byte batch exceeds the socket's send buffer") from why
+        self._sock.sendmsg(batch.chunks())  # a datagram: the kernel takes all of it or fails
         while True:
             reply = self._sock.recv(65536)
             for seq, code in _acks(reply):
                 if code:
                     raise NetlinkError(code, seq)
-                if seq == last:
+                if seq == batch.count:
                     return
 
     def close(self) -> None:
