@@ -92,7 +92,8 @@ def _head(build: Callable[[bytes], bytes], size: int) -> bytes:
 
 def tail(build: Callable[[bytes], bytes], value: bytes) -> bytes:
     """build(value), built once per value length: every enclosing length depends only on that length."""
-    return _head(build, len(value)) + value + PAD[len(value) % 4]
+    size = len(value)
+    return _head(build, size) + value + PAD[size % 4]
 
 
 def nested(kind: int, *children: bytes) -> bytes:
@@ -278,18 +279,21 @@ class Batch:
         head = self._nfgenmsg + self._table + string(RULE_CHAIN, chain)
         kind, flags = NEWRULE | NFNL_SUBSYS_NFTABLES << 8, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
         size = 16 + len(head) + 4
-        pack_message, pack_attr, listed = _NLMSG.pack, _HEADER.pack, RULE_EXPRESSIONS | NLA_F_NESTED
-        data, count = self._data, self.count
+        pack_message, pack_attr, nested_list = _NLMSG.pack, _HEADER.pack, RULE_EXPRESSIONS | NLA_F_NESTED
+        data, count, length = self._data, self.count, 0
         for rule in rules:
             expressions, comment = rule.expressions(), rule.comment
             userdata = b"" if comment is None else attr(RULE_USERDATA, comment_userdata(comment))
+            listed = len(expressions)
+            length = size + listed + len(userdata)
             count += 1
-            self._last = len(data)
-            data += pack_message(size + len(expressions) + len(userdata), kind, flags, count, 0)
+            data += pack_message(length, kind, flags, count, 0)
             data += head
-            data += pack_attr(4 + len(expressions), listed)
+            data += pack_attr(4 + listed, nested_list)
             data += expressions
             data += userdata
+        if count > self.count:
+            self._last = len(data) - length
         self.count = count
 
     def add_set(
