@@ -79,7 +79,12 @@ def workload(family: Family, **endpoints: list[str]) -> dict[ServicePortName, Se
             type=ServiceType.LOAD_BALANCER,
             node_port=30083,
             load_balancer_ips=(ip("172.29.0.6"),),
-            load_balancer_source_ranges=(f"{ip('172.28.0.0')}/{24 if family is IPV4 else 120}",),
+            load_balancer_source_ranges=(  # an interval set: prefixes, adjacent ones merged, an address
+                f"{ip('172.28.0.0')}/{24 if family is IPV4 else 120}",
+                f"{ip('172.28.1.0')}/{24 if family is IPV4 else 120}",
+                f"{ip('172.27.0.0')}/{16 if family is IPV4 else 112}",
+                ip("172.26.5.5"),
+            ),
         ),
     }
     pairs = []
@@ -106,7 +111,7 @@ STEPS: list[tuple[str, dict[str, list[str]], str]] = [
     ("a Local-policy Service changes", {**START, "local": ["10.2.0.8"]}, "netlink"),
     ("a Service loses its endpoints", {**START, "web": []}, "netlink"),
     ("a firewalled LB Service removed", {k: v for k, v in START.items() if k != "lb"}, "netlink"),
-    ("a firewalled LB Service added", START, "nft"),  # its anonymous source set is left to nft
+    ("a firewalled LB Service added", START, "netlink"),
 ]
 
 
@@ -121,7 +126,8 @@ FULL_STEPS: list[tuple[str, dict[str, list[str]], str]] = [
         "netlink",
     ),
     ("resync, a Service removed", {k: v for k, v in NO_FIREWALL.items() if k != "np"}, "netlink"),
-    ("a firewalled LB Service", START, "nft"),  # its anonymous source set is left to nft
+    ("a firewalled LB Service", START, "netlink"),
+    ("resync, its source ranges changed", {**START, "lb": ["10.1.0.9", "10.2.0.19"]}, "netlink"),
     ("resync without it", NO_FIREWALL, "netlink"),
 ]
 

@@ -9,7 +9,9 @@ import pytest
 from kproxyd.backends.nftables.netlink import (
     DATA_VERDICT,
     NEWCHAIN,
+    NEWRULE,
     NEWSET,
+    NEWSETELEM,
     NEWTABLE,
     NLM_F_ACK,
     SET_MAP,
@@ -38,6 +40,7 @@ from kproxyd.backends.nftables.rules import (
     cmp,
     immediate,
     immediate_verdict,
+    intervals,
     rule,
 )
 from kproxyd.backends.nftables.transaction import TableObjects, Transaction, full_sync
@@ -87,15 +90,33 @@ def test_batch_is_framed_and_only_its_last_message_asks_for_an_ack() -> None:
     assert Batch("ip", "kube-proxy").payload() == b""
 
 
-def test_full_syncs_are_encoded_and_anonymous_sets_left_to_nft() -> None:
+def test_intervals_are_merged_and_bounded_as_nft_sends_them() -> None:
+    ip = lambda text: bytes(int(part) for part in text.split("."))  # noqa: E731
+    assert intervals(("10.0.0.0/8", "192.168.0.2", "11.0.0.0/8"), 4) == [
+        (ip("0.0.0.0"), True),
+        (ip("10.0.0.0"), False),
+        (ip("12.0.0.0"), True),  # adjacent prefixes merged
+        (ip("192.168.0.2"), False),
+        (ip("192.168.0.3"), True),
+    ]
+    assert intervals(("0.0.0.0/1", "255.255.255.255"), 4) == [
+        (ip("0.0.0.0"), False),  # no leading end: the first range starts at 0
+        (ip("128.0.0.0"), True),
+        (ip("255.255.255.255"), False),  # no end past the last address
+    ]
+
+
+def test_full_syncs_and_anonymous_sets_are_encoded() -> None:
     tx = Transaction("ip")
     full_sync(tx, NftRenderer(NftRenderOptions()).static(), {}, TableObjects(), recreate_base=False)
     kinds = [struct.unpack_from("=H", message, 4)[0] & 0xFF for message in tx.batch().messages]
     assert kinds[:2] == [NEWTABLE, NEWCHAIN] and kinds.count(NEWSET) == 7
     tx = Transaction("ip")
-    tx.rules("c", (rule(AddrNotInAnonymous("ip", "saddr", ("10.0.0.0/8",)), Verdict("drop")),))
-    with pytest.raises(Unsupported):
-        tx.batch()
+    tx.rules("c", (rule(AddrNotInAnonymous("ip", "saddr", ("10.0.0.0/8", "10.1.0.1")), Verdict("drop")),))
+    kinds = [struct.unpack_from("=H", message, 4)[0] & 0xFF for message in tx.batch().messages]
+    assert kinds == [NEWSET, NEWSETELEM, NEWRULE]  # the anonymous set, its elements, the rule bound to it
+    with pytest.raises(Unsupported):  # without a batch to create it in
+        AddrNotInAnonymous("ip", "saddr", ("10.0.0.0/8", "10.1.0.1")).encode()
     tx = Transaction("ip")
     tx.add_set(SetSpec("set", "affinity-x", "ipv4_addr", timeout=10))
     assert len(tx.batch().messages) == 1
@@ -128,5 +149,7 @@ def test_templates_encode_what_the_plain_builders_do(size: int) -> None:
 def test_rule_expressions_are_the_statements_encodings() -> None:
     stmts = (Addr("ip", "daddr", "10.0.0.1"), PortMatch("tcp", 80), Addr("ip", "saddr", "10.0.0.0/8", True))
     expected = b"".join(encoded for stmt in stmts for encoded in stmt.encode())
-    assert rule(*stmts, Verdict("jump", "x")).expressions() == expected + b"".join(Verdict("jump", "x").encode())
-    assert rule(*stmts).expressions() == expected  # the second time from the bounded statements' cache
+    batch = Batch("ip", "kube-proxy")
+    jump = b"".join(Verdict("jump", "x").encode())
+    assert rule(*stmts, Verdict("jump", "x")).expressions(batch) == expected + jump
+    assert rule(*stmts).expressions(batch) == expected  # the second time from the bounded statements' cache

@@ -19,7 +19,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 # Netlink and nfnetlink framing.
@@ -52,13 +52,15 @@ HOOK_NUM, HOOK_PRIORITY = 1, 2
 HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS, RULE_USERDATA = 1, 2, 4, 7
 LIST_ELEM, EXPR_NAME, EXPR_DATA = 1, 1, 2
-ELEM_LIST_TABLE, ELEM_LIST_SET, ELEM_LIST_ELEMENTS = 1, 2, 3
-ELEM_KEY, ELEM_DATA = 1, 2
+ELEM_LIST_TABLE, ELEM_LIST_SET, ELEM_LIST_ELEMENTS, ELEM_LIST_SET_ID = 1, 2, 3, 4
+ELEM_KEY, ELEM_DATA, ELEM_FLAGS = 1, 2, 3
+ELEM_INTERVAL_END = 0x1
 DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_DATA_TYPE, SET_DATA_LEN = 1, 2, 3, 4, 5, 6, 7
-SET_ID, SET_TIMEOUT, SET_USERDATA, SET_EXPR = 10, 11, 13, 17
-SET_MAP, SET_TIMEOUT_FLAG, SET_EVAL = 0x8, 0x10, 0x20
+SET_DESC, SET_DESC_SIZE, SET_ID, SET_TIMEOUT, SET_USERDATA, SET_EXPR = 9, 1, 10, 11, 13, 17
+SET_ANONYMOUS, SET_CONSTANT, SET_INTERVAL, SET_MAP, SET_TIMEOUT_FLAG, SET_EVAL = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+ANONYMOUS_SET = "__set%d"  # the kernel names it __set0, __set1, …; the batch refers to it by its id
 DATA_TYPE_VERDICT = 0xFFFFFF00
 
 # Verdict codes (signed, sent as big-endian 32 bits).
@@ -207,8 +209,8 @@ class Encodable(Protocol):
         """The rule's comment, if any."""
         ...
 
-    def expressions(self) -> bytes:
-        """The encoded expressions."""
+    def expressions(self, batch: Batch) -> bytes:
+        """The encoded expressions (an anonymous set they look up is added to batch first)."""
         ...
 
 
@@ -218,7 +220,7 @@ class EncodedRule(NamedTuple):
     encoded: bytes
     comment: str | None = None
 
-    def expressions(self) -> bytes:
+    def expressions(self, batch: Batch) -> bytes:
         """The encoded expressions."""
         return self.encoded
 
@@ -280,21 +282,20 @@ class Batch:
         kind, flags = NEWRULE | NFNL_SUBSYS_NFTABLES << 8, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
         size = 16 + len(head) + 4
         pack_message, pack_attr, nested_list = _NLMSG.pack, _HEADER.pack, RULE_EXPRESSIONS | NLA_F_NESTED
-        data, count, length = self._data, self.count, 0
+        data, length = self._data, 0
         for rule in rules:
-            expressions, comment = rule.expressions(), rule.comment
+            expressions, comment = rule.expressions(self), rule.comment  # may add the rule's anonymous sets
             userdata = b"" if comment is None else attr(RULE_USERDATA, comment_userdata(comment))
             listed = len(expressions)
             length = size + listed + len(userdata)
-            count += 1
-            data += pack_message(length, kind, flags, count, 0)
+            self.count += 1
+            data += pack_message(length, kind, flags, self.count, 0)
             data += head
             data += pack_attr(4 + listed, nested_list)
             data += expressions
             data += userdata
-        if count > self.count:
+        if length:
             self._last = len(data) - length
-        self.count = count
 
     def add_set(
         self,
@@ -318,6 +319,28 @@ class Batch:
         if counter:  # the set's expression: the kernel gives every element added without one its own copy
             attrs.append(nested(SET_EXPR, string(EXPR_NAME, "counter"), nested(EXPR_DATA)))
         self._add(NEWSET, NLM_F_CREATE, *attrs)
+
+    def add_anonymous_set(self, key: tuple[int, int], intervals: Sequence[tuple[bytes, bool]]) -> int:
+        """A constant interval set of (key, ends an interval) elements, bound to the next rule; returns its id."""
+        set_id = self.count + 1
+        userdata = udata(0, struct.pack("=I", 2)) + udata(2, struct.pack("=I", 1))  # big-endian key, auto-merged
+        self._add(
+            NEWSET,
+            NLM_F_CREATE,
+            self._table,
+            string(SET_NAME, ANONYMOUS_SET),
+            u32(SET_FLAGS, SET_ANONYMOUS | SET_CONSTANT | SET_INTERVAL),
+            u32(SET_KEY_TYPE, key[0]),
+            u32(SET_KEY_LEN, key[1]),
+            u32(SET_ID, set_id),
+            nested(SET_DESC, u32(SET_DESC_SIZE, len(intervals))),
+            attr(SET_USERDATA, userdata),
+        )
+        end = u32(ELEM_FLAGS, ELEM_INTERVAL_END)
+        elements = [nested(LIST_ELEM, *((end,) if ends else ()), data_value(ELEM_KEY, k)) for k, ends in intervals]
+        named = (self._table, string(ELEM_LIST_SET, ANONYMOUS_SET), u32(ELEM_LIST_SET_ID, set_id))
+        self._add(NEWSETELEM, NLM_F_CREATE, *named, nested(ELEM_LIST_ELEMENTS, *elements))
+        return set_id
 
     def delete_set(self, name: str) -> None:
         """`delete set` (or map) by name."""

@@ -11,10 +11,12 @@ import functools
 import ipaddress
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 from kproxyd.backends.nftables.netlink import (
+    ANONYMOUS_SET,
     PROTOCOL_NUMBERS,
+    Batch,
     Unsupported,
     address,
     attr,
@@ -36,10 +38,12 @@ FIB_SADDR, FIB_DADDR, FIB_ADDRTYPE, RTN_LOCAL = 1, 2, 3, 2
 NUMGEN_RANDOM = 1
 NAT_DNAT, NAT_PROTO_SPECIFIED, NAT_RANDOM_FULLY = 1, 0x2, 0x10
 DYNSET_UPDATE = 1
+LOOKUP_F_INV = 0x1
 IFNAMSIZ = 16
 
 _ADDR_OFFSETS = {("ip", "saddr"): 12, ("ip", "daddr"): 16, ("ip6", "saddr"): 8, ("ip6", "daddr"): 24}
 _ADDR_LEN = {"ip": 4, "ip6": 16}
+_ADDR_TYPE = {"ip": 7, "ip6": 8}  # nft's ipv4_addr, ipv6_addr
 _PORT_UNREACHABLE = {"ip": 3, "ip6": 4}  # ICMP / ICMPv6 code of nft's plain `reject`
 
 
@@ -179,7 +183,7 @@ class AddrIn(NamedTuple):
 
 
 class AddrNotInAnonymous(NamedTuple):
-    """`ip saddr != { a, b/24 }`: an anonymous set (written through `nft -f` only)."""
+    """`ip saddr != { a, b/24 }`: not in an anonymous interval set (created in the rule's batch)."""
 
     family: str
     field: str
@@ -191,8 +195,38 @@ class AddrNotInAnonymous(NamedTuple):
         return f"{self.family} {self.field} != {{ {', '.join(self.values)} }}"
 
     def encode(self) -> tuple[bytes, ...]:
-        """Anonymous interval sets are left to nft."""
+        """Without a batch to create the set in: left to nft."""
         raise Unsupported("anonymous set")
+
+    def encode_into(self, batch: Batch) -> tuple[bytes, ...]:
+        """Add the set (its intervals as nft sends them) to batch, then load the address and look it up; one
+        value is compared as nft does, without a set.
+        """
+        if len(self.values) == 1:
+            return Addr(self.family, self.field, self.values[0], negate=True).encode()
+        size = _ADDR_LEN[self.family]
+        set_id = batch.add_anonymous_set((_ADDR_TYPE[self.family], size), intervals(self.values, size))
+        lookup = expr("lookup", string(1, ANONYMOUS_SET), u32(2, REG_1), u32(4, set_id), u32(5, LOOKUP_F_INV))
+        return payload(PAYLOAD_NETWORK, _ADDR_OFFSETS[self.family, self.field], size), lookup
+
+
+def intervals(values: tuple[str, ...], size: int) -> list[tuple[bytes, bool]]:
+    """nft's interval elements for addresses and prefixes: merged ranges as (start) and (end + 1, ends),
+    in order, after a leading (0, ends) unless the first range starts at 0; no end past the last address.
+    """
+    ranges: list[list[int]] = []
+    for value in sorted((ipaddress.ip_network(v, strict=False) for v in values), key=lambda n: int(n[0])):
+        first, past = int(value[0]), int(value[-1]) + 1
+        if ranges and first <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], past)
+        else:
+            ranges.append([first, past])
+    out = [] if ranges and ranges[0][0] == 0 else [(bytes(size), True)]
+    for first, past in ranges:
+        out.append((first.to_bytes(size, "big"), False))
+        if past < 1 << (8 * size):
+            out.append((past.to_bytes(size, "big"), True))
+    return out
 
 
 class PortMatch(NamedTuple):
@@ -481,16 +515,18 @@ class Rule:
         """The hash of the text."""
         return hash(self.text)
 
-    def expressions(self) -> bytes:
-        """The rule's netlink expression list (the list's elements, without its header)."""
+    def expressions(self, batch: Batch) -> bytes:
+        """The rule's netlink expression list (without the list's header); its anonymous sets go to batch."""
         parts = []
-        for stmt in self.stmts:  # the hot loop of a full sync: _encode inlined
+        for stmt in self.stmts:  # the hot loop of a full sync: _BOUNDED's cache inlined
             kind = type(stmt)
             if kind in _BOUNDED:
                 encoded = _ENCODED.get((kind, stmt))
                 if encoded is None:
                     encoded = _ENCODED[kind, stmt] = b"".join(stmt.encode())
                 parts.append(encoded)
+            elif kind is AddrNotInAnonymous:
+                parts.extend(cast(AddrNotInAnonymous, stmt).encode_into(batch))
             else:
                 parts.extend(stmt.encode())
         return b"".join(parts)
