@@ -480,8 +480,8 @@ def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
         "## nftables writer: partial syncs as netlink batches",
         "",
         f"`bench/syncbench.py {rel} N VARIANT…` (one run per row, the machine shared with other",
-        "work; load: its 1-minute load average): the nftables backend writes a partial sync as one nf_tables",
-        "netlink batch and a full sync through `nft -f` (docs/design.md says why). 'tool' is the time in",
+        "work; load: its 1-minute load average): when these ran, the nftables backend wrote a partial sync as one",
+        "nf_tables netlink batch and a full sync through `nft -f` (full syncs: next section). 'tool' is the time in",
         "`nft -f` / iptables-restore / the netlink send, 'total' adds kproxyd's rendering and diffing. For",
         "nftables the cold 'tool' time is the bare `nft -f` of the same ruleset.",
         "",
@@ -521,39 +521,43 @@ def cold_section(results_dir: Path = ROOT / "bench" / "results") -> str:
         "nftables is the netlink send: the kernel checks and commits the batch inside sendmsg. CPU: user +",
         "system seconds of the process and its children (the kernel's work on the batch counts as the sender's).",
         "",
-        "| N | variant | cold: total s | CPU s | tool s | Python share (wall) | when | load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | variant | cold: total s | tool s | Python share (wall) | CPU s | tool CPU s | when | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["services"], r["variant"], r["when"])):
         cold = r["cold"]
         share = 1 - cold["kernel_s"] / cold["total_s"]
         lines.append(
-            f"| {r['services']} | {r['variant']} | {cold['total_s']:.2f} | {cold.get('cpu_s', float('nan')):.2f} "
-            f"| {cold['kernel_s']:.2f} | {share:.0%} | {r['when']} | {r.get('load', '?')} |"
+            f"| {r['services']} | {r['variant']} | {cold['total_s']:.2f} | {cold['kernel_s']:.2f} | {share:.0%} "
+            f"| {cold.get('cpu_s', nan):.2f} | {cold.get('kernel_cpu_s', nan):.2f} | {r['when']} | {r.get('load', '?')} |"
         )
     lines += [
         "",
-        "Medians per size: the nftables cold sync against the bare tools' time for the same ruleset.",
+        "Medians per size: the nftables cold sync (wall, and CPU) against the bare tools' time (wall, and CPU)",
+        "for the same ruleset.",
         "",
-        "| N | runs | nftables cold s (CPU s) | bare `nft -f` s | ÷ nft -f | bare legacy restore s | ÷ legacy |",
-        "|---|---|---|---|---|---|---|",
+        "| N | runs | nftables cold s | bare `nft -f` s | ÷ | bare legacy restore s | ÷ "
+        "| nftables cold CPU s | bare `nft -f` CPU s | ÷ | bare legacy restore CPU s | ÷ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sorted({r["services"] for r in rows}):
 
-        def median(variant: str, key: str, field: str = "cold", size: int = n) -> float:
-            values = [r[field][key] for r in rows if r["services"] == size and r["variant"] == variant]
-            return statistics.median(values) if values else float("nan")
+        def median(variant: str, key: str, size: int = n) -> float:
+            values = [r["cold"].get(key) for r in rows if r["services"] == size and r["variant"] == variant]
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else nan
 
         runs = sum(1 for r in rows if r["services"] == n and r["variant"] == "nftables")
-        total, nft, legacy = (
-            median("nftables", "total_s"),
-            median("nftables-text", "kernel_s"),
-            median("iptables-legacy", "kernel_s"),
-        )
-        lines.append(
-            f"| {n} | {runs} | {total:.2f} ({median('nftables', 'cpu_s'):.2f}) | {nft:.2f} | {total / nft:.2f} "
-            f"| {legacy:.2f} | {total / legacy:.2f} |"
-        )
+        cells = [f"| {n} | {runs}"]
+        for key, tool in (("total_s", "kernel_s"), ("cpu_s", "kernel_cpu_s")):
+            ours, nft, legacy = (
+                median("nftables", key),
+                median("nftables-text", tool),
+                median("iptables-legacy", tool),
+            )
+            cells.append(f"{ours:.2f} | {nft:.2f} | {ours / nft:.2f} | {legacy:.2f} | {ours / legacy:.2f}")
+        lines.append(" | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
