@@ -1,10 +1,11 @@
 """Where an nftables cold full sync spends its time, phase by phase, against `nft -f` of the same ruleset.
 
-`coldphases.py N [REPEATS]`: the plans of bench/syncbench.py (N Services x 3 endpoints), then for each repeat
-in two fresh namespaces: render (plans -> PortRules), transaction (full_sync), netlink encoding, the netlink
-send (the kernel's share: it processes and commits the batch inside sendmsg), and `nft -f` of the same
-transaction's text with its own user (nft's parser and encoder) and system (the kernel) CPU. Prints one JSON
-line per repeat: wall and CPU seconds per phase, the machine's load when it started.
+`coldphases.py N [REPEATS]`: for each repeat, the plans of bench/syncbench.py (N Services x 3 endpoints: the
+model objects and plan_service_port), render (plans -> PortRules), transaction (full_sync), netlink
+encoding, the netlink send in a fresh namespace (the kernel's share: it checks and commits the batch inside
+sendmsg), and `nft -f` of the same transaction's text in another, with nft's user CPU (its parser, evaluation
+and encoding) and system CPU (mostly the kernel). Prints one JSON line per repeat: wall and CPU seconds per
+phase, the machine's load when it started.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def nft_file(netns: str, text: str) -> dict[str, float]:
 
 def measure(n: int) -> dict[str, Any]:
     """One cold sync of n Services, phase by phase, and nft -f of the same transaction."""
-    plans = make_plans(n)
     phases: dict[str, Any] = {}
     gc.disable()  # as the backend's full sync (gc_paused)
     try:
+        plans = timed(phases, "plans", lambda: make_plans(n))  # the ServicePorts and plan_service_port
         renderer = NftRenderer(render_options(NFT_CONFIG, NODE, []))
         ports = timed(phases, "render", lambda: {name: renderer.port(plan) for name, plan in plans.items()})
         tx = Transaction("ip")
