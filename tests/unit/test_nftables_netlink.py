@@ -115,6 +115,14 @@ def test_full_syncs_and_anonymous_sets_are_encoded() -> None:
     tx.rules("c", (rule(AddrNotInAnonymous("ip", "saddr", ("10.0.0.0/8", "10.1.0.1")), Verdict("drop")),))
     kinds = [struct.unpack_from("=H", message, 4)[0] & 0xFF for message in tx.batch().messages]
     assert kinds == [NEWSET, NEWSETELEM, NEWRULE]  # the anonymous set, its elements, the rule bound to it
+    many = tuple(f"10.{i // 256}.{i % 256}.1" for i in range(300))  # 601 elements: three messages
+    tx = Transaction("ip")
+    tx.rules("c", (rule(AddrNotInAnonymous("ip", "saddr", many), Verdict("drop")),))
+    assert [struct.unpack_from("=H", m, 4)[0] & 0xFF for m in tx.batch().messages] == [
+        NEWSET,
+        *[NEWSETELEM] * 3,
+        NEWRULE,
+    ]
     with pytest.raises(Unsupported):  # without a batch to create it in
         AddrNotInAnonymous("ip", "saddr", ("10.0.0.0/8", "10.1.0.1")).encode()
     tx = Transaction("ip")

@@ -339,7 +339,9 @@ class Batch:
         end = u32(ELEM_FLAGS, ELEM_INTERVAL_END)
         elements = [nested(LIST_ELEM, *((end,) if ends else ()), data_value(ELEM_KEY, k)) for k, ends in intervals]
         named = (self._table, string(ELEM_LIST_SET, ANONYMOUS_SET), u32(ELEM_LIST_SET_ID, set_id))
-        self._add(NEWSETELEM, NLM_F_CREATE, *named, nested(ELEM_LIST_ELEMENTS, *elements))
+        for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):  # a nested attribute holds at most 64 KiB
+            chunk = elements[start : start + ELEMENTS_PER_MESSAGE]
+            self._add(NEWSETELEM, NLM_F_CREATE, *named, nested(ELEM_LIST_ELEMENTS, *chunk))
         return set_id
 
     def delete_set(self, name: str) -> None:
