@@ -147,7 +147,7 @@ class Addr(NamedTuple):
         return _prefix_match(offset, size, op, self.value)
 
 
-@functools.cache  # prefixes come from the node's configuration: few
+@functools.lru_cache(maxsize=1024)  # the node's CIDRs, and LB source ranges compared without a set
 def _prefix_match(offset: int, size: int, op: int, value: str) -> tuple[bytes, ...]:
     """A prefix match as nft encodes it."""
     net = ipaddress.ip_network(value, strict=False)
