@@ -468,13 +468,20 @@ def _reading(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def newest_rows(results_dir: Path, pattern: str) -> tuple[list[dict[str, Any]], Path] | None:
+    """The rows of the newest results file matching pattern, and its path relative to the repository."""
+    files = sorted(results_dir.glob(pattern))
+    if not files:
+        return None
+    return json.loads(files[-1].read_text()), files[-1].resolve().relative_to(ROOT)
+
+
 def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
     """The nftables writer's table from the newest `bench/syncbench.py OUT N VARIANT…` file, "" without one."""
-    files = sorted(results_dir.glob("*-nft-netlink.json"))
-    if not files:
+    newest = newest_rows(results_dir, "*-nft-netlink.json")
+    if newest is None:
         return ""
-    rows = json.loads(files[-1].read_text())
-    rel = files[-1].resolve().relative_to(ROOT)
+    rows, rel = newest
     lines = [
         "",
         "## nftables writer: partial syncs as netlink batches",
@@ -504,11 +511,10 @@ def cold_section(results_dir: Path = ROOT / "bench" / "results") -> str:
     """The nftables cold full sync against bare `nft -f` and iptables-legacy-restore, from the newest
     `*-nft-cold.json` (bench/syncbench.py, one process per variant); "" without one.
     """
-    files = sorted(results_dir.glob("*-nft-cold.json"))
-    if not files:
+    newest = newest_rows(results_dir, "*-nft-cold.json")
+    if newest is None:
         return ""
-    rows = json.loads(files[-1].read_text())
-    rel = files[-1].resolve().relative_to(ROOT)
+    rows, rel = newest
     lines = [
         "",
         "## nftables cold full sync over netlink",
