@@ -7,11 +7,11 @@ says which plans, stripped of the cluster IPs the socket load balancer already s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.ebpf.maglev import maglev_table
-from kproxyd.model import Protocol, ServicePortName
+from kproxyd.model import Endpoint, Protocol, ServicePortName
 from kproxyd.plan import ServicePlan
 
 F_NO_ENDPOINTS = 1  # must match bpf/sock_lb.c
@@ -57,14 +57,21 @@ def address_key(ip: str) -> FrontendKey:
 
 def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
     """The entry for plan's cluster IPs: its internal endpoints, or a failing entry when it has none."""
-    backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints if _ipv4(ep.ip))
+    return endpoints_entry(plan, plan.internal_endpoints, algorithm)
+
+
+def endpoints_entry(
+    plan: ServicePlan, endpoints: Sequence[Endpoint], algorithm: str, flags: int = 0
+) -> FrontendEntry:
+    """The entry picking from endpoints (their IPv4 ones) with plan's affinity and algorithm, plus flags."""
+    backends = tuple((ep.ip, ep.port) for ep in endpoints if _ipv4(ep.ip))
     affinity = plan.port.session_affinity_timeout or 0
     if not backends:
-        return FrontendEntry((), F_NO_ENDPOINTS, affinity)
+        return FrontendEntry((), F_NO_ENDPOINTS | flags, affinity)
     if (plan.port.lb_algorithm or algorithm) == "maglev" and not affinity:
         names = [f"{ip}:{port}" for ip, port in backends]
-        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV)
-    return FrontendEntry(backends, 0, affinity)
+        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV | flags)
+    return FrontendEntry(backends, flags, affinity)
 
 
 def plan_image(plan: ServicePlan, algorithm: str) -> Image:
