@@ -18,6 +18,8 @@ import kubernetes
 import structlog
 
 from kproxyd.backends.ebpf.image import dataplane
+from kproxyd.backends.ebpf.tc import running as tc_running
+from kproxyd.config import ProxyConfig
 from kproxyd.k8s.client import build_api_client
 from kproxyd.logs import configure_logging
 from kproxyd.model import Endpoint, ServicePort
@@ -78,8 +80,10 @@ def read_api(api: kubernetes.client.ApiClient, node_name: str) -> ApiSnapshot:
     )
 
 
-def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "") -> list[ServiceRow]:
-    """Convert and plan the snapshot as kproxyd does, then describe each programmed Service."""
+def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "", tc: bool = False) -> list[ServiceRow]:
+    """Convert and plan the snapshot as kproxyd does, then describe each programmed Service (tc: ebpf mode's
+    tc programs run on this node).
+    """
     tracker = ProxyStateTracker(node_name)
     tracker.replace(SERVICE, snapshot.services)
     tracker.replace(ENDPOINT_SLICE, snapshot.slices)
@@ -99,13 +103,13 @@ def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "") -> list[
         for key, port_plans in plans.items()
     ]
     if mode == "ebpf":
-        rows = [replace(row, dataplane=ebpf_dataplane(plans[row.service])) for row in rows]
+        rows = [replace(row, dataplane=ebpf_dataplane(plans[row.service], tc)) for row in rows]
     return rows
 
 
-def ebpf_dataplane(plans: Sequence[ServicePlan]) -> str:
+def ebpf_dataplane(plans: Sequence[ServicePlan], tc: bool) -> str:
     """Where a Service's ports run in ebpf mode, e.g. "ebpf(cluster-ip v4)+nftables(external)"."""
-    return ", ".join(sorted({dataplane(plan) for plan in plans}))
+    return ", ".join(sorted({dataplane(plan, tc) for plan in plans}))
 
 
 def _row(
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--proxy-mode", default="", help="ebpf: add a DATAPLANE column (what runs in eBPF, what in nftables)"
     )
+    parser.add_argument(
+        "--bpf-pin-path", default=ProxyConfig().bpf_pin_path, help="ebpf: the daemon's pin directory (tc running?)"
+    )
     return parser
 
 
@@ -219,6 +226,7 @@ def status_main(argv: Sequence[str]) -> int:
     configure_logging(-1)
     node_name = (args.hostname_override or socket.gethostname()).strip().lower()
     with build_api_client(args.kubeconfig, args.master) as api:
-        rows = service_rows(read_api(api, node_name), node_name, args.proxy_mode)
+        tc = args.proxy_mode == "ebpf" and tc_running(args.bpf_pin_path)
+        rows = service_rows(read_api(api, node_name), node_name, args.proxy_mode, tc)
     print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else format_table(rows))
     return 0

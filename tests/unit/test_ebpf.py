@@ -80,7 +80,7 @@ def test_sctp_and_ipv6_stay_with_nftables() -> None:
     both = plans((sctp, eps("10.0.1.2")), (six, eps("fd00:244::2")))
     assert img.image(both, "random") == {}
     assert set(img.fallback_plans(both)) == {sctp.name}  # IPv6 has its own (nftables-only) backend
-    assert img.dataplane(both[sctp.name]) == "nftables"
+    assert img.dataplane(both[sctp.name], tc=True) == "nftables"
 
 
 def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
@@ -91,7 +91,7 @@ def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
     assert fallback[node_port.name].port.cluster_ips == ()
     assert fallback[node_port.name].port.node_port == 30080
     assert (
-        img.dataplane(plans((node_port, eps("10.0.1.2")))[node_port.name])
+        img.dataplane(plans((node_port, eps("10.0.1.2")))[node_port.name], tc=False)
         == "ebpf(cluster-ip v4)+nftables(external)"
     )
 

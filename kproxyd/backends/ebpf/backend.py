@@ -164,9 +164,7 @@ class EbpfBackend:
                 kernel.attach()
                 old = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             if changed is None:
-                self._tc_ports = tc.image(
-                    plans, tc.node_port_ips(self._config, node), self._config.ebpf_lb_algorithm
-                )
+                self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
                 new = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             else:
                 old, new = self._replace_tc_ports(plans, changed, node)
@@ -174,6 +172,8 @@ class EbpfBackend:
         except Exception:
             if self._tc_ports is None:
                 log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
+                tc.detach_tc()
+                tc.unpin(self._config.bpf_pin_path)
                 self._tc = None
                 return 0
             self._tc_ports = None  # unknown after a failure: reload and reread on the next sync
@@ -184,7 +184,7 @@ class EbpfBackend:
     ) -> tuple[img.Image, img.Image]:
         """Replace the changed ports' tc images; what they held and what they hold now."""
         assert self._tc_ports is not None
-        ips = tc.node_port_ips(self._config, node)
+        ips = self._node_port_ips(node)
         old: img.Image = {}
         new: img.Image = {}
         for name in changed:
@@ -194,6 +194,10 @@ class EbpfBackend:
                 self._tc_ports[name] = image
                 new.update(image)
         return old, new
+
+    def _node_port_ips(self, node: NodeInfo) -> tuple[str, ...]:
+        assert self._tc is not None
+        return tc.node_port_ips(self._config, node, self._tc.local_addresses())
 
     def _replace_ports(
         self,

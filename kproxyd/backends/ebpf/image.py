@@ -113,14 +113,29 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
     return out
 
 
-def dataplane(plan: ServicePlan) -> str:
-    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs)."""
+def tc_serves(plan: ServicePlan) -> bool:
+    """True when tc (bpf/tc_nat.c) carries plan's IPv4 external frontends from the network; the nftables
+    fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, IPv6, and the node's
+    own connections (they never cross an interface's ingress).
+    """
+    return (
+        plan.port.protocol in SOCKET_PROTOCOLS
+        and plan.port.externally_accessible
+        and plan.external_verdict is None
+        and not plan.port.load_balancer_source_ranges
+    )
+
+
+def dataplane(plan: ServicePlan, tc: bool) -> str:
+    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs); tc: the tc programs run."""
     if plan.port.protocol not in SOCKET_PROTOCOLS:
         return "nftables"
     parts = ["ebpf(cluster-ip v4)"]
     if any(not _ipv4(ip) for ip in plan.port.cluster_ips):
         parts.append("nftables(cluster-ip v6)")
-    if plan.port.externally_accessible:
+    if tc and tc_serves(plan):
+        parts.append("tc(external v4)+nftables(external from node, v6)")
+    elif plan.port.externally_accessible:
         parts.append("nftables(external)")
     return "+".join(parts)
 

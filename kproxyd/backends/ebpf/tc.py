@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from kproxyd.backends.ebpf.image import SOCKET_PROTOCOLS, FrontendKey, Image, _ipv4, endpoints_entry
+from kproxyd.backends.ebpf.image import FrontendKey, Image, _ipv4, endpoints_entry, tc_serves
 from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, ensure_bpffs
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
@@ -35,19 +35,8 @@ HANDLE = 1
 FILTER_NAME = "kproxyd_tc_nat"
 PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress / egress
 BPF_PROG_TYPE_SCHED_CLS = 3
-
-
-def tc_serves(plan: ServicePlan) -> bool:
-    """True when tc carries plan's external frontends from the network; the nftables fallback keeps the rest:
-    no endpoints (REJECT/DROP need an ICMP answer or a verdict tc does not give here), loadBalancerSourceRanges,
-    SCTP, and connections from the node itself (they never cross an interface's ingress).
-    """
-    return (
-        plan.port.protocol in SOCKET_PROTOCOLS
-        and plan.port.externally_accessible
-        and plan.external_verdict is None
-        and not plan.port.load_balancer_source_ranges
-    )
+FRONTENDS = "tc_frontends"
+MAPS = (FRONTENDS, "tc_slots", "tc_counters", "tc_conns", "tc_replies", "tc_affinity", "tc_ifaddrs")
 
 
 def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
@@ -70,21 +59,25 @@ def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Im
     return dict.fromkeys(external_keys(plan, node_ips), entry)
 
 
-def dataplane(plan: ServicePlan) -> str:
-    """Where plan's external traffic runs in ebpf mode: "" when it has none."""
-    if not plan.port.externally_accessible:
-        return ""
-    if tc_serves(plan):
-        return "tc(external v4)+nftables(external from node, v6)"
-    return "nftables(external)"
-
-
-def node_port_ips(config: ProxyConfig, node: NodeInfo) -> tuple[str, ...]:
-    """The IPv4 addresses node ports answer on (--nodeport-addresses, else every local one), no loopback."""
-    local = local_addresses(4)
+def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str]) -> tuple[str, ...]:
+    """The IPv4 addresses node ports answer on (--nodeport-addresses among the local ones, else every local
+    one), never loopback.
+    """
     chosen = nodeport_ips(config.nodeport_addresses, node, local, 4)
     ips = local if chosen is None else [cidr.split("/")[0] for cidr in chosen]
     return tuple(ip for ip in ips if not ip.startswith("127."))
+
+
+def running(pin_path: str) -> bool:
+    """True when the daemon's tc programs run (their maps are pinned; removed when they cannot run here)."""
+    return os.path.exists(os.path.join(pin_path, FRONTENDS))
+
+
+def unpin(pin_path: str) -> None:
+    """Remove the tc maps' pins (the daemon's tc part is off: `kproxyd status` then says nftables)."""
+    for name in MAPS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pin_path, name))
 
 
 def interfaces() -> dict[int, str]:
@@ -151,9 +144,13 @@ class TcKernel(SockLbKernel):
         for index in [i for i in self._attached if i not in current]:
             del self._attached[index]
 
+    def local_addresses(self) -> list[str]:
+        """This namespace's IPv4 addresses."""
+        return local_addresses(4)
+
     def attached(self) -> bool:
         """True while the maps are pinned and every interface with an address has our ingress filter."""
-        if not os.path.exists(os.path.join(self.pin_path, "tc_frontends")):
+        if not running(self.pin_path):
             return False
         current = interfaces()
         return set(current) <= set(self._attached) and all(ours(i, PARENTS["tc_ingress"]) for i in current)
