@@ -15,6 +15,16 @@
 #define F_SNAT 4          // externalTrafficPolicy Cluster: masquerade to the node's address
 
 #define R_INGRESS 1  // reverse entry of a masqueraded flow: the reply comes to the node, translate at ingress
+#define N_CLOSING 8  // a FIN or RST went this way: the entry expires soon (F_SNAT is 4)
+// Idle lifetimes of a flow's entries, as conntrack's (established TCP as Cilium's, closing as TIME_WAIT's):
+// an expired entry's 4-tuple or masquerade port may be taken by a new flow.
+#define TCP_LIFETIME_NS (21600ULL * 1000000000ULL)
+#define UDP_LIFETIME_NS (60ULL * 1000000000ULL)
+#define CLOSING_LIFETIME_NS (120ULL * 1000000000ULL)
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
 #define SNAT_PORT_MIN 61000  // above Linux's default ephemeral range (32768-60999): no clash with local sockets
 #define SNAT_PORTS 4536
 #define SNAT_TRIES 8
@@ -62,6 +72,7 @@ struct flow {
 struct nat {
     struct flow to;  // what the packet's addresses and ports become (to.proto unused)
     u32 flags;
+    u64 seen_ns;  // the last packet this way
 };
 
 struct affinity_key {
@@ -92,6 +103,7 @@ struct packet {
     struct flow flow;
     u32 l3;  // offset of the IP header
     u32 l4;  // offset of the TCP/UDP header
+    u8 tcp_flags;
 };
 
 // 0: an unfragmented IPv4 TCP/UDP packet, parsed into p; -1: something else (left alone).
@@ -116,7 +128,57 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p) {
     p->flow.sport = ports[0];
     p->flow.dport = ports[1];
     p->flow.proto = ip.protocol;
+    p->tcp_flags = 0;
+    if (ip.protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, p->l4 + 13, &p->tcp_flags, 1) < 0)
+        return -1;
     return 0;
+}
+
+static __always_inline int expired(struct nat *n, u8 proto, u64 now) {
+    u64 lifetime = n->flags & N_CLOSING ? CLOSING_LIFETIME_NS
+                   : proto == IPPROTO_TCP ? TCP_LIFETIME_NS : UDP_LIFETIME_NS;
+    return now - n->seen_ns > lifetime;
+}
+
+// A packet of a known flow went by: note when, and whether it closes the flow.
+static __always_inline void seen(struct nat *n, struct packet *p) {
+    n->seen_ns = bpf_ktime_get_ns();
+    if (p->tcp_flags & (TCP_FIN | TCP_RST))
+        n->flags |= N_CLOSING;
+}
+
+// The connection-table key of the flow a reply entry belongs to (client -> frontend).
+static __always_inline void original_of(struct nat *rev, u8 proto, struct flow *out) {
+    __builtin_memset(out, 0, sizeof(*out));
+    out->saddr = rev->to.daddr;
+    out->daddr = rev->to.saddr;
+    out->sport = rev->to.dport;
+    out->dport = rev->to.sport;
+    out->proto = proto;
+}
+
+// The reply-table key of a flow (backend -> the node's masquerade address, or -> the client).
+static __always_inline void reply_of(struct nat *fwd, u8 proto, struct flow *out) {
+    __builtin_memset(out, 0, sizeof(*out));
+    out->saddr = fwd->to.daddr;
+    out->daddr = fwd->to.saddr;
+    out->sport = fwd->to.dport;
+    out->dport = fwd->to.sport;
+    out->proto = proto;
+}
+
+// Claim a reply entry (BPF_NOEXIST), taking over an expired one (and dropping its flow's entry). 1: claimed.
+static __always_inline int claim(struct flow *reply, struct nat *rev, u64 now) {
+    if (replies.insert(reply, rev) == 0)
+        return 1;
+    struct nat *old = replies.lookup(reply);
+    if (!old || !expired(old, reply->proto, now))
+        return 0;
+    struct flow original;
+    original_of(old, reply->proto, &original);
+    conns.delete(&original);
+    replies.delete(reply);
+    return replies.insert(reply, rev) == 0;
 }
 
 static __always_inline void rewrite_addr(struct __sk_buff *skb, struct packet *p, u32 off, u32 old, u32 new,
@@ -222,10 +284,11 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, s
         return 0;
     fwd->to.saddr = *addr;
     struct flow reply = {.saddr = fwd->to.daddr, .daddr = *addr, .sport = fwd->to.dport, .proto = p->flow.proto};
+    u64 now = bpf_ktime_get_ns();
     for (int i = 0; i < SNAT_TRIES; i++) {
         u16 port = SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORTS;
         reply.dport = __builtin_bswap16(port);
-        if (replies.insert(&reply, rev) == 0) {  // BPF_NOEXIST: a port no flow holds
+        if (claim(&reply, rev, now)) {  // a port no live flow to this backend holds
             fwd->to.sport = reply.dport;
             return 1;
         }
@@ -246,7 +309,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
     fwd->to = p->flow;
     fwd->to.daddr = be->addr;
     fwd->to.dport = be->port;
-    struct nat rev = {.to = {.saddr = fk.addr, .daddr = p->flow.saddr, .sport = fk.port, .dport = p->flow.sport}};
+    fwd->seen_ns = bpf_ktime_get_ns();
+    struct nat rev = {.to = {.saddr = fk.addr, .daddr = p->flow.saddr, .sport = fk.port, .dport = p->flow.sport},
+                      .seen_ns = fwd->seen_ns};
     if (fe->flags & F_SNAT) {
         fwd->flags = F_SNAT;
         rev.flags = R_INGRESS;
@@ -273,16 +338,28 @@ int tc_ingress(struct __sk_buff *skb) {
     if (rev) {
         if (!(rev->flags & R_INGRESS))
             return TC_ACT_OK;  // a reply the stack routes: translated at egress
+        seen(rev, &p);
         struct flow to = rev->to;
         rewrite(skb, &p, &to);
         return forward(skb, &to);
     }
     struct nat fwd;
     struct nat *known = conns.lookup(&p.flow);
-    if (known)
+    // A SYN opens a new connection even on a 4-tuple seen before (the client reused its port): pick afresh.
+    int opening = (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    if (known && (opening || expired(known, p.flow.proto, bpf_ktime_get_ns()))) {
+        struct flow reply;
+        reply_of(known, p.flow.proto, &reply);
+        replies.delete(&reply);
+        conns.delete(&p.flow);
+        known = 0;
+    }
+    if (known) {
+        seen(known, &p);
         fwd = *known;
-    else if (!new_flow(skb, &p, &fwd))
+    } else if (!new_flow(skb, &p, &fwd)) {
         return TC_ACT_OK;
+    }
     rewrite(skb, &p, &fwd.to);
     return fwd.flags & F_SNAT ? forward(skb, &fwd.to) : TC_ACT_OK;
 }
@@ -293,6 +370,7 @@ int tc_egress(struct __sk_buff *skb) {
         return TC_ACT_OK;
     struct nat *rev = replies.lookup(&p.flow);
     if (rev && !(rev->flags & R_INGRESS)) {
+        seen(rev, &p);
         struct flow to = rev->to;
         rewrite(skb, &p, &to);
     }
