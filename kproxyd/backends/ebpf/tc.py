@@ -110,8 +110,14 @@ class TcKernel(SockLbKernel):
         from bcc import BPF
 
         ensure_bpffs(self.pin_path)
-        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
-        self._bpf, self._tables = BPF(text=text.encode()), {}
+        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path).encode()
+        try:
+            self._bpf = BPF(text=text)
+        except Exception:  # maps pinned by a build with another layout: bcc refuses to reuse them
+            log.warning("tc maps could not be reused: recreating them (external flows in them are lost)")
+            unpin(self.pin_path)
+            self._bpf = BPF(text=text)
+        self._tables = {}
         self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
         self._attached = {}
         self.attach()
