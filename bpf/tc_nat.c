@@ -25,9 +25,13 @@
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
-#define SNAT_PORT_MIN 61000  // above Linux's default ephemeral range (32768-60999): no clash with local sockets
-#define SNAT_PORTS 4536
-#define SNAT_TRIES 8
+// Masquerade ports: below Linux's ephemeral range (32768-60999), where the node's own connections (to the same
+// pods, e.g. kubelet probes from the bridge address) take theirs, and below the node-port range (30000-32767).
+// A port stays taken while its flow's entries live (120 s after a FIN, as conntrack's TIME_WAIT): 28976 ports
+// carry about 240 new connections a second per backend.
+#define SNAT_PORT_MIN 1024
+#define SNAT_PORTS 28976
+#define SNAT_TRIES 16
 
 struct frontend_key {
     u32 addr;  // network order
@@ -154,16 +158,6 @@ static __always_inline void original_of(struct nat *rev, u8 proto, struct flow *
     out->daddr = rev->to.saddr;
     out->sport = rev->to.dport;
     out->dport = rev->to.sport;
-    out->proto = proto;
-}
-
-// The reply-table key of a flow (backend -> the node's masquerade address, or -> the client).
-static __always_inline void reply_of(struct nat *fwd, u8 proto, struct flow *out) {
-    __builtin_memset(out, 0, sizeof(*out));
-    out->saddr = fwd->to.daddr;
-    out->daddr = fwd->to.saddr;
-    out->sport = fwd->to.dport;
-    out->dport = fwd->to.sport;
     out->proto = proto;
 }
 
@@ -296,7 +290,8 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, s
     return 0;
 }
 
-// A new flow to a frontend: pick a backend, record both directions. 0: not ours (or nothing to pick).
+// A new flow to a frontend: pick a backend, record both directions. 0: not ours (or nothing to pick); -1: no
+// free masquerade port (drop it, as nf_nat does: the client retransmits).
 static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, struct nat *fwd) {
     struct frontend_key fk = {.addr = p->flow.daddr, .port = p->flow.dport, .proto = p->flow.proto};
     struct frontend *fe = frontends.lookup(&fk);
@@ -316,7 +311,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
         fwd->flags = F_SNAT;
         rev.flags = R_INGRESS;
         if (!masquerade(skb, p, fwd, &rev))
-            return 0;
+            return -1;
     } else {
         struct flow reply = {.saddr = be->addr, .daddr = p->flow.saddr, .sport = be->port,
                              .dport = p->flow.sport, .proto = p->flow.proto};
@@ -345,20 +340,21 @@ int tc_ingress(struct __sk_buff *skb) {
     }
     struct nat fwd;
     struct nat *known = conns.lookup(&p.flow);
-    // A SYN opens a new connection even on a 4-tuple seen before (the client reused its port): pick afresh.
-    int opening = (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
-    if (known && (opening || expired(known, p.flow.proto, bpf_ktime_get_ns()))) {
-        struct flow reply;
-        reply_of(known, p.flow.proto, &reply);
-        replies.delete(&reply);
+    // A SYN after a FIN or RST: the client reused its port for a new connection, which picks afresh (a SYN
+    // retransmitted during the handshake keeps its backend). The old reply entry stays until it expires: its
+    // masquerade port is not reused while the backend may hold the old connection in TIME_WAIT.
+    int reopened = (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && known && (known->flags & N_CLOSING);
+    if (known && (reopened || expired(known, p.flow.proto, bpf_ktime_get_ns()))) {
         conns.delete(&p.flow);
         known = 0;
     }
     if (known) {
         seen(known, &p);
         fwd = *known;
-    } else if (!new_flow(skb, &p, &fwd)) {
-        return TC_ACT_OK;
+    } else {
+        int created = new_flow(skb, &p, &fwd);
+        if (created <= 0)
+            return created < 0 ? TC_ACT_SHOT : TC_ACT_OK;
     }
     rewrite(skb, &p, &fwd.to);
     return fwd.flags & F_SNAT ? forward(skb, &fwd.to) : TC_ACT_OK;

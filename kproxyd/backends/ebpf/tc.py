@@ -107,21 +107,23 @@ class TcKernel(SockLbKernel):
 
     def load(self) -> None:
         """Compile and load the programs (creating or reusing the pinned maps), attach them to every interface."""
-        from bcc import BPF
-
         ensure_bpffs(self.pin_path)
-        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path).encode()
         try:
-            self._bpf = BPF(text=text)
-        except Exception:  # maps pinned by a build with another layout: bcc refuses to reuse them
-            log.warning("tc maps could not be reused: recreating them (external flows in them are lost)")
+            self._compile()
+        except Exception:  # maps pinned by a build with another layout: bcc reuses them, the verifier refuses
+            log.warning("tc programs do not load on the pinned maps: recreating them (their flows are lost)")
             unpin(self.pin_path)
-            self._bpf = BPF(text=text)
-        self._tables = {}
-        self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
+            self._compile()
         self._attached = {}
         self.attach()
         log.info("tc external-frontend programs attached", interfaces=sorted(self._attached.values()))
+
+    def _compile(self) -> None:
+        from bcc import BPF
+
+        self._bpf = BPF(text=SOURCE.read_text().replace("PIN_DIR", self.pin_path).encode())
+        self._tables = {}
+        self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
 
     def attach(self) -> None:
         """Attach to interfaces not yet attached (replacing an earlier run's filter in place), and write the
