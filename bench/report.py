@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -436,7 +437,7 @@ def _reading(results: dict[str, Any]) -> str:
             )
     kernel = {k["variant"]: k for k in results["kernel"] if nft and k["services"] == nft[-1]["services"]}
     if "nftables" in kernel and nft:
-        k, top = kernel["nftables"], nft[-1]
+        k, top = kernel.get("nftables-text", kernel["nftables"]), nft[-1]  # the backend writing through nft -f
         out.append(
             f"- **Where a one-change sync goes** at N={top['services']}, nftables: the daemon's sync took "
             f"{top['add_sync_s'] * 1000:.0f} ms; the bare `nft -f` of a one-Service transaction into the same-size "
@@ -467,20 +468,27 @@ def _reading(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def newest_rows(results_dir: Path, pattern: str) -> tuple[list[dict[str, Any]], Path] | None:
+    """The rows of the newest results file matching pattern, and its path relative to the repository."""
+    files = sorted(results_dir.glob(pattern))
+    if not files:
+        return None
+    return json.loads(files[-1].read_text()), files[-1].resolve().relative_to(ROOT)
+
+
 def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
     """The nftables writer's table from the newest `bench/syncbench.py OUT N VARIANT…` file, "" without one."""
-    files = sorted(results_dir.glob("*-nft-netlink.json"))
-    if not files:
+    newest = newest_rows(results_dir, "*-nft-netlink.json")
+    if newest is None:
         return ""
-    rows = json.loads(files[-1].read_text())
-    rel = files[-1].resolve().relative_to(ROOT)
+    rows, rel = newest
     lines = [
         "",
         "## nftables writer: partial syncs as netlink batches",
         "",
         f"`bench/syncbench.py {rel} N VARIANT…` (one run per row, the machine shared with other",
-        "work; load: its 1-minute load average): the nftables backend writes a partial sync as one nf_tables",
-        "netlink batch and a full sync through `nft -f` (docs/design.md says why). 'tool' is the time in",
+        "work; load: its 1-minute load average): when these ran, the nftables backend wrote a partial sync as one",
+        "nf_tables netlink batch and a full sync through `nft -f` (full syncs: next section). 'tool' is the time in",
         "`nft -f` / iptables-restore / the netlink send, 'total' adds kproxyd's rendering and diffing. For",
         "nftables the cold 'tool' time is the bare `nft -f` of the same ruleset.",
         "",
@@ -499,9 +507,69 @@ def writer_section(results_dir: Path = ROOT / "bench" / "results") -> str:
     return "\n".join(lines) + "\n"
 
 
+def cold_section(results_dir: Path = ROOT / "bench" / "results") -> str:
+    """The nftables cold full sync against bare `nft -f` and iptables-legacy-restore, from the newest
+    `*-nft-cold.json` (bench/syncbench.py, one process per variant); "" without one.
+    """
+    newest = newest_rows(results_dir, "*-nft-cold.json")
+    if newest is None:
+        return ""
+    rows, rel = newest
+    lines = [
+        "",
+        "## nftables cold full sync over netlink",
+        "",
+        f"`bench/syncbench.py {rel} N VARIANT` (one process per variant, the variants back to back, their order",
+        "rotated between repeats; load: the 1-minute load average when the variant started). 'nftables' is the",
+        "backend as it runs (one netlink batch), 'nftables-text' the same backend with `KPROXYD_NFT_WRITER=nft`",
+        "(its 'tool' time is the bare `nft -f` of the same ruleset), 'iptables-legacy' the iptables backend on",
+        "iptables-legacy-restore (its 'tool' time the bare restore of the equivalent ruleset). 'tool' for",
+        "nftables is the netlink send: the kernel checks and commits the batch inside sendmsg. CPU: user +",
+        "system seconds of the process and its children (the kernel's work on the batch counts as the sender's).",
+        "",
+        "| N | variant | cold: total s | tool s | Python share (wall) | CPU s | tool CPU s | when | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
+    for r in sorted(rows, key=lambda r: (r["services"], r["variant"], r["when"])):
+        cold = r["cold"]
+        share = 1 - cold["kernel_s"] / cold["total_s"]
+        lines.append(
+            f"| {r['services']} | {r['variant']} | {cold['total_s']:.2f} | {cold['kernel_s']:.2f} | {share:.0%} "
+            f"| {cold.get('cpu_s', nan):.2f} | {cold.get('kernel_cpu_s', nan):.2f} | {r['when']} | {r.get('load', '?')} |"
+        )
+    lines += [
+        "",
+        "Medians per size: the nftables cold sync (wall, and CPU) against the bare tools' time (wall, and CPU)",
+        "for the same ruleset.",
+        "",
+        "| N | runs | nftables cold s | bare `nft -f` s | ÷ | bare legacy restore s | ÷ "
+        "| nftables cold CPU s | bare `nft -f` CPU s | ÷ | bare legacy restore CPU s | ÷ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({r["services"] for r in rows}):
+
+        def median(variant: str, key: str, size: int = n) -> float:
+            values = [r["cold"].get(key) for r in rows if r["services"] == size and r["variant"] == variant]
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else nan
+
+        runs = sum(1 for r in rows if r["services"] == n and r["variant"] == "nftables")
+        cells = [f"| {n} | {runs}"]
+        for key, tool in (("total_s", "kernel_s"), ("cpu_s", "kernel_cpu_s")):
+            ours, nft, legacy = (
+                median("nftables", key),
+                median("nftables-text", tool),
+                median("iptables-legacy", tool),
+            )
+            cells.append(f"{ours:.2f} | {nft:.2f} | {ours / nft:.2f} | {legacy:.2f} | {ours / legacy:.2f}")
+        lines.append(" | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_docs(results: dict[str, Any], json_path: Path, name: str, extra: str = "") -> None:
     """Regenerate docs/benchmarks.md from a run."""
-    extra = extra or writer_section()
+    extra = extra or writer_section() + cold_section()
     m = results["machine"]
     rel = json_path.resolve().relative_to(ROOT)
     skipped = "".join(f"\n- N={s['services']} skipped: {s['reason']}." for s in results.get("skipped", []))

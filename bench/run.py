@@ -43,6 +43,10 @@ MODES = ("iptables", "nftables", "ebpf")
 SERVER_PORT = 9000  # the C server in the target pods (the lab pod server on 8080 is Python, too slow to load)
 HAPROXY_PORT = 8000
 THREADS = 4  # client threads per measurement (the machine has 2 CPUs, shared with servers and daemon)
+# Server threads per pod: each serves one connection at a time and SO_REUSEPORT pins a connection to one
+# thread, so with fewer threads than clients a random spread (any Service) queues behind busy threads where
+# a fixed client-to-pod split (the direct runs) never does: that measured the server, not the proxy.
+SERVER_THREADS = 8
 PORT_RANGE_KINDS = ("direct", "service", "direct_with_rules")  # haproxy and others: the 4th range
 TARGET_IP, PROBE_IP = "10.96.250.1", "10.96.250.2"
 START = time.monotonic()
@@ -182,7 +186,7 @@ class Lab:
     def start_server(self, pod: LabPod) -> None:
         """The C HTTP server on port 9000 inside the pod."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", pod.netns, self.loadgen, "server", str(SERVER_PORT), "2"],
+            ["ip", "netns", "exec", pod.netns, self.loadgen, "server", str(SERVER_PORT), str(SERVER_THREADS)],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -2,9 +2,12 @@
 
 This replaces bench/iptables_sync.py and bench/nftables_sync.py: the same plans (N Services x 3 endpoints,
 every third a NodePort), the same cold full / full resync / one-Service partial syncs, for iptables-nft
-(the backend's default batching), iptables-legacy and nftables. "kernel_s" is the time spent inside
-iptables-restore / nft -f on the text the renderer produced (the bare tool time for that ruleset);
-"total_s" adds kproxyd's own rendering and diffing.
+(the backend's default batching), iptables-legacy, nftables (its netlink writer) and nftables-text (the same
+backend writing everything through `nft -f`). "kernel_s" is the time spent inside iptables-restore / nft -f
+on the text the renderer produced (the bare tool time for that ruleset), or in the netlink send (the
+kernel's share); "total_s" adds kproxyd's own rendering, encoding and diffing. "cpu_s" is the CPU time
+(user + system, this process and its children) of the sync, "kernel_cpu_s" that of the tool or send alone:
+on a shared machine CPU time moves less than wall time.
 """
 
 from __future__ import annotations
@@ -76,14 +79,15 @@ class TimedIptables(IptablesKernel):
 
     def reset(self) -> None:
         """Zero the counts before the next sync."""
-        self.calls, self.kernel_s, self.bytes = 0, 0.0, 0
+        self.calls, self.kernel_s, self.kernel_cpu_s, self.bytes = 0, 0.0, 0.0, 0
 
     def restore(self, text: str) -> None:
         """Restore and count."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         super().restore(text)
         self.calls += 1
         self.kernel_s += time.perf_counter() - start
+        self.kernel_cpu_s += cpu_seconds() - cpu
         self.bytes += len(text.encode())
 
 
@@ -96,23 +100,31 @@ class TimedNft(NftKernel):
 
     def reset(self) -> None:
         """Zero the counts before the next sync."""
-        self.calls, self.kernel_s, self.bytes = 0, 0.0, 0
+        self.calls, self.kernel_s, self.kernel_cpu_s, self.bytes = 0, 0.0, 0.0, 0
 
     def run(self, text: str) -> None:
         """Run and count."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         super().run(text)
         self.calls += 1
         self.kernel_s += time.perf_counter() - start
+        self.kernel_cpu_s += cpu_seconds() - cpu
         self.bytes += len(text.encode())
 
     def send(self, batch: Batch) -> None:
         """Send and count."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         super().send(batch)
         self.calls += 1
         self.kernel_s += time.perf_counter() - start
-        self.bytes += len(batch.payload())
+        self.kernel_cpu_s += cpu_seconds() - cpu
+        self.bytes += batch.size
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its reaped children."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def variants(n: int) -> Iterator[str]:
@@ -123,6 +135,7 @@ def variants(n: int) -> Iterator[str]:
         yield "iptables-legacy"
     if shutil.which("nft"):
         yield "nftables"
+        yield "nftables-text"
 
 
 def measure(n: int, variant: str) -> dict[str, Any]:
@@ -145,8 +158,9 @@ def measure(n: int, variant: str) -> dict[str, Any]:
         prefix = ("ip", "netns", "exec", ns)
         kernel: TimedIptables | TimedNft
         backend: IptablesBackend | NftablesBackend
-        if variant == "nftables":
+        if variant.startswith("nftables"):
             kernel = TimedNft(ns)
+            kernel.netlink = variant == "nftables"
             backend = NftablesBackend(NFT_CONFIG, kernel, local_addresses=lambda _family: [])
         else:
             kernel = TimedIptables("nft" if variant == "iptables-nft" else "legacy", prefix)
@@ -154,11 +168,13 @@ def measure(n: int, variant: str) -> dict[str, Any]:
             backend = IptablesBackend(IPT_CONFIG, kernel, batch, local_addresses=lambda _family: [])
         for label, the_plans, the_changed in syncs:
             kernel.reset()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
             backend.apply(the_plans, the_changed, NODE)
             result[label] = {
                 "total_s": round(time.perf_counter() - start, 4),
+                "cpu_s": round(cpu_seconds() - cpu, 4),
                 "kernel_s": round(kernel.kernel_s, 4),
+                "kernel_cpu_s": round(kernel.kernel_cpu_s, 4),
                 "calls": kernel.calls,
                 "bytes": kernel.bytes,
             }

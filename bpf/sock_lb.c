@@ -1,16 +1,28 @@
-// kproxyd socket load balancer (IPv4): a Service frontend is translated once, at connect() or sendmsg(),
+// kproxyd socket load balancer (IPv4 and IPv6): a Service frontend is translated once, at connect() or sendmsg(),
 // to a backend chosen here, so the connection's packets need no NAT. Compiled by bcc at daemon start-up;
 // The loader substitutes the pin directory in the map paths below. Maps are pinned so that a restarted daemon (and the programs it
 // attaches in place of the old ones) keep the same state: no connection sees an empty table.
+//
+// One map set serves both families: addresses are 16 bytes, IPv4 ones stored IPv4-mapped (::ffff:a.b.c.d).
+// An IPv6 socket connecting to ::ffff:<cluster IP> (a dual-stack socket reaching an IPv4 Service; the kernel
+// runs connect6 for it, not connect4) thus finds the IPv4 frontend and gets its backend IPv4-mapped.
+// The v4 and v6 programs differ only in how they read and write the address: one set of helpers, inlined
+// with a constant family flag so that the verifier never sees a user_ip6 access in a v4 program (or back).
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 
 #define F_NO_ENDPOINTS 1  // no endpoint this traffic may use: fail connect()/sendmsg() at once (EPERM)
 #define F_MAGLEV 2        // slots hold a Maglev table: pick by a hash of the socket, not at random
 
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define V4_MAPPED 0xffff0000U  // the third word of ::ffff:a.b.c.d, bytes 00 00 ff ff, as a host-order u32
+#else
+#define V4_MAPPED 0x0000ffffU
+#endif
+
 struct frontend_key {
-    u32 addr;  // network order
-    u16 port;  // network order
+    u32 addr[4];  // network order; IPv4 as ::ffff:a.b.c.d
+    u16 port;     // network order
     u8 proto;
     u8 pad;
 };
@@ -28,7 +40,7 @@ struct slot_key {
 };
 
 struct backend {
-    u32 addr;
+    u32 addr[4];  // the frontend's family: IPv4-mapped for an IPv4 frontend
     u16 port;
     u16 pad;
 };
@@ -40,10 +52,8 @@ struct counter {
 
 struct affinity_key {
     u64 netns;  // the client is the socket's network namespace (a pod), as Cilium's socket LB
-    u32 frontend_addr;
-    u16 frontend_port;
-    u8 proto;
-    u8 pad;
+    struct frontend_key frontend;
+    u32 pad;
 };
 
 struct affinity_value {
@@ -53,9 +63,8 @@ struct affinity_value {
 
 struct reverse_key {
     u64 cookie;
-    u32 addr;
-    u16 port;
-    u16 pad;
+    struct backend backend;
+    u32 pad;
 };
 
 // Hash maps allocate per element (BPF_F_NO_PREALLOC): memory follows the Services, not the limits.
@@ -68,6 +77,39 @@ BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinit
                  BPF_F_NO_COMMON_LRU);
 BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct frontend_key, reverse, 65536, "PIN_DIR/reverse",
                  BPF_F_NO_COMMON_LRU);
+
+// The socket address the call names (v6: the program is one of the "6" hooks; a constant once inlined).
+static __always_inline void get_addr(struct bpf_sock_addr *ctx, int v6, u32 addr[4], u16 *port) {
+    if (v6) {
+        addr[0] = ctx->user_ip6[0];
+        addr[1] = ctx->user_ip6[1];
+        addr[2] = ctx->user_ip6[2];
+        addr[3] = ctx->user_ip6[3];
+    } else {
+        addr[0] = 0;
+        addr[1] = 0;
+        addr[2] = V4_MAPPED;
+        addr[3] = ctx->user_ip4;
+    }
+    *port = (u16)ctx->user_port;
+}
+
+static __always_inline void set_addr(struct bpf_sock_addr *ctx, int v6, const u32 addr[4], u16 port) {
+    if (v6) {
+        ctx->user_ip6[0] = addr[0];
+        ctx->user_ip6[1] = addr[1];
+        ctx->user_ip6[2] = addr[2];
+        ctx->user_ip6[3] = addr[3];
+    } else {
+        ctx->user_ip4 = addr[3];
+    }
+    ctx->user_port = port;
+}
+
+static __always_inline int same_backend(const struct backend *a, const struct backend *b) {
+    return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
+           a->addr[3] == b->addr[3] && a->port == b->port;
+}
 
 static __always_inline u32 pick_slot(struct bpf_sock_addr *ctx, struct frontend *fe) {
     if (!(fe->flags & F_MAGLEV))
@@ -85,9 +127,7 @@ static __always_inline struct backend *affine(struct bpf_sock_addr *ctx, struct 
                                               struct frontend *fe, struct affinity_key *ak) {
     __builtin_memset(ak, 0, sizeof(*ak));
     ak->netns = bpf_get_netns_cookie(ctx);
-    ak->frontend_addr = fk->addr;
-    ak->frontend_port = fk->port;
-    ak->proto = fk->proto;
+    ak->frontend = *fk;
     struct affinity_value *seen = affinity.lookup(ak);
     if (!seen)
         return 0;
@@ -97,7 +137,7 @@ static __always_inline struct backend *affine(struct bpf_sock_addr *ctx, struct 
     for (u32 i = 0; i < 64 && i < fe->count; i++) {
         struct slot_key sk = {.rev = fe->rev, .slot = i};
         struct backend *be = slots.lookup(&sk);
-        if (be && be->addr == seen->backend.addr && be->port == seen->backend.port) {
+        if (be && same_backend(be, &seen->backend)) {
             seen->seen_ns = bpf_ktime_get_ns();
             return be;
         }
@@ -106,12 +146,14 @@ static __always_inline struct backend *affine(struct bpf_sock_addr *ctx, struct 
 }
 
 // 1: translated (ctx rewritten), 0: no frontend here (leave alone), -1: fail the call.
-static __always_inline int translate(struct bpf_sock_addr *ctx, u8 proto, int connected) {
-    struct frontend_key fk = {.addr = ctx->user_ip4, .port = (u16)ctx->user_port, .proto = proto};
+static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, u8 proto, int connected) {
+    struct frontend_key fk = {.proto = proto};
+    get_addr(ctx, v6, fk.addr, &fk.port);
     struct frontend *fe = frontends.lookup(&fk);
     if (!fe) {
         // A cluster IP on a port or protocol it does not serve: fail at once, as kube-proxy REJECTs it.
-        struct frontend_key address = {.addr = fk.addr};
+        struct frontend_key address = {};
+        __builtin_memcpy(address.addr, fk.addr, sizeof(address.addr));
         return frontends.lookup(&address) ? -1 : 0;
     }
     if ((fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
@@ -138,44 +180,38 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, u8 proto, int co
         else
             c->packets++;
     }
-    struct reverse_key rk = {.cookie = bpf_get_socket_cookie(ctx), .addr = be->addr, .port = be->port};
+    struct reverse_key rk = {.cookie = bpf_get_socket_cookie(ctx), .backend = *be};
     reverse.update(&rk, &fk);
-    ctx->user_ip4 = be->addr;
-    ctx->user_port = be->port;
+    set_addr(ctx, v6, be->addr, be->port);
     return 1;
 }
 
-static __always_inline u8 proto_of(struct bpf_sock_addr *ctx) {
-    return ctx->type == 1 /* SOCK_STREAM */ ? IPPROTO_TCP : IPPROTO_UDP;
-}
-
-int connect4(struct bpf_sock_addr *ctx) {
+static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6) {
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
         return 1;
-    return translate(ctx, proto_of(ctx), 1) < 0 ? 0 : 1;
+    u8 proto = ctx->type == 1 /* SOCK_STREAM */ ? IPPROTO_TCP : IPPROTO_UDP;
+    return translate(ctx, v6, proto, 1) < 0 ? 0 : 1;
 }
 
-int sendmsg4(struct bpf_sock_addr *ctx) {
-    return translate(ctx, IPPROTO_UDP, 0) < 0 ? 0 : 1;
+static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, int v6) {
+    return translate(ctx, v6, IPPROTO_UDP, 0) < 0 ? 0 : 1;
 }
 
 // Replies and getpeername() show the Service address the application asked for, not the backend's.
-static __always_inline void untranslate(struct bpf_sock_addr *ctx) {
-    struct reverse_key rk = {.cookie = bpf_get_socket_cookie(ctx), .addr = ctx->user_ip4,
-                             .port = (u16)ctx->user_port};
+static __always_inline int untranslate(struct bpf_sock_addr *ctx, int v6) {
+    struct reverse_key rk = {.cookie = bpf_get_socket_cookie(ctx)};
+    get_addr(ctx, v6, rk.backend.addr, &rk.backend.port);
     struct frontend_key *fk = reverse.lookup(&rk);
-    if (fk) {
-        ctx->user_ip4 = fk->addr;
-        ctx->user_port = fk->port;
-    }
-}
-
-int recvmsg4(struct bpf_sock_addr *ctx) {
-    untranslate(ctx);
+    if (fk)
+        set_addr(ctx, v6, fk->addr, fk->port);
     return 1;
 }
 
-int getpeername4(struct bpf_sock_addr *ctx) {
-    untranslate(ctx);
-    return 1;
-}
+int connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx, 0); }
+int connect6(struct bpf_sock_addr *ctx) { return on_connect(ctx, 1); }
+int sendmsg4(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, 0); }
+int sendmsg6(struct bpf_sock_addr *ctx) { return on_sendmsg(ctx, 1); }
+int recvmsg4(struct bpf_sock_addr *ctx) { return untranslate(ctx, 0); }
+int recvmsg6(struct bpf_sock_addr *ctx) { return untranslate(ctx, 1); }
+int getpeername4(struct bpf_sock_addr *ctx) { return untranslate(ctx, 0); }
+int getpeername6(struct bpf_sock_addr *ctx) { return untranslate(ctx, 1); }

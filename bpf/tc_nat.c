@@ -4,6 +4,8 @@
 // towards it; the packets of such a flow, both ways, are redirected (bpf_redirect_neigh) past the IP stack.
 // Local: DNAT only, the client address is kept; the stack routes it, and the reply is translated back at tc
 // egress. Compiled by bcc; the loader substitutes the pin directory. Maps are pinned: a restart keeps flows.
+// The frontend and slot maps have bpf/sock_lb.c's layout (the loader writes both alike): 16-byte addresses,
+// IPv4 ones IPv4-mapped (::ffff:a.b.c.d), so a key is built from a packet's IPv4 address as such.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -13,6 +15,12 @@
 #define F_NO_ENDPOINTS 1  // never written here: such frontends stay with the nftables fallback (REJECT/DROP)
 #define F_MAGLEV 2        // slots hold a Maglev table: pick by a hash of the client address and port
 #define F_SNAT 4          // externalTrafficPolicy Cluster: masquerade to the node's address
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define V4_MAPPED 0xffff0000U  // the third word of ::ffff:a.b.c.d, bytes 00 00 ff ff, as a host-order u32
+#else
+#define V4_MAPPED 0x0000ffffU
+#endif
 
 #define R_INGRESS 1  // reverse entry of a masqueraded flow: the reply comes to the node, translate at ingress
 #define N_CLOSING 8  // a FIN or RST went this way: the entry expires soon (F_SNAT is 4)
@@ -34,8 +42,8 @@
 #define SNAT_TRIES 16
 
 struct frontend_key {
-    u32 addr;  // network order
-    u16 port;  // network order
+    u32 addr[4];  // network order, ::ffff:a.b.c.d
+    u16 port;     // network order
     u8 proto;
     u8 pad;
 };
@@ -53,7 +61,7 @@ struct slot_key {
 };
 
 struct backend {
-    u32 addr;
+    u32 addr[4];  // ::ffff:a.b.c.d: the IPv4 address is addr[3]
     u16 port;
     u16 pad;
 };
@@ -238,7 +246,7 @@ static __always_inline struct backend *affine(struct affinity_key *ak, struct fr
     for (u32 i = 0; i < 64 && i < fe->count; i++) {  // still an endpoint?
         struct slot_key sk = {.rev = fe->rev, .slot = i};
         struct backend *be = slots.lookup(&sk);
-        if (be && be->addr == seen->backend.addr && be->port == seen->backend.port) {
+        if (be && be->addr[3] == seen->backend.addr[3] && be->port == seen->backend.port) {  // all IPv4
             seen->seen_ns = bpf_ktime_get_ns();
             return be;
         }
@@ -293,7 +301,8 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, s
 // A new flow to a frontend: pick a backend, record both directions. 0: not ours (or nothing to pick); -1: no
 // free masquerade port (drop it, as nf_nat does: the client retransmits).
 static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, struct nat *fwd) {
-    struct frontend_key fk = {.addr = p->flow.daddr, .port = p->flow.dport, .proto = p->flow.proto};
+    struct frontend_key fk = {.addr = {0, 0, V4_MAPPED, p->flow.daddr}, .port = p->flow.dport,
+                              .proto = p->flow.proto};
     struct frontend *fe = frontends.lookup(&fk);
     if (!fe || (fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
         return 0;
@@ -302,10 +311,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
         return 0;
     __builtin_memset(fwd, 0, sizeof(*fwd));
     fwd->to = p->flow;
-    fwd->to.daddr = be->addr;
+    fwd->to.daddr = be->addr[3];
     fwd->to.dport = be->port;
     fwd->seen_ns = bpf_ktime_get_ns();
-    struct nat rev = {.to = {.saddr = fk.addr, .daddr = p->flow.saddr, .sport = fk.port, .dport = p->flow.sport},
+    struct nat rev = {.to = {.saddr = p->flow.daddr, .daddr = p->flow.saddr, .sport = fk.port, .dport = p->flow.sport},
                       .seen_ns = fwd->seen_ns};
     if (fe->flags & F_SNAT) {
         fwd->flags = F_SNAT;
@@ -313,7 +322,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
         if (!masquerade(skb, p, fwd, &rev))
             return -1;
     } else {
-        struct flow reply = {.saddr = be->addr, .daddr = p->flow.saddr, .sport = be->port,
+        struct flow reply = {.saddr = be->addr[3], .daddr = p->flow.saddr, .sport = be->port,
                              .dport = p->flow.sport, .proto = p->flow.proto};
         replies.update(&reply, &rev);
     }

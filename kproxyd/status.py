@@ -22,7 +22,7 @@ from kproxyd.backends.ebpf.tc import running as tc_running
 from kproxyd.config import ProxyConfig
 from kproxyd.k8s.client import build_api_client
 from kproxyd.logs import configure_logging
-from kproxyd.model import Endpoint, ServicePort
+from kproxyd.model import Endpoint, ProxyState, ServicePort
 from kproxyd.plan import ServicePlan, plan_all
 from kproxyd.tracker import ENDPOINT_SLICE, NODE, SERVICE, ProxyStateTracker
 
@@ -81,35 +81,34 @@ def read_api(api: kubernetes.client.ApiClient, node_name: str) -> ApiSnapshot:
 
 
 def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "", tc: bool = False) -> list[ServiceRow]:
-    """Convert and plan the snapshot as kproxyd does, then describe each programmed Service (tc: ebpf mode's
-    tc programs run on this node).
+    """Convert and plan the snapshot as kproxyd does (each IP family apart), then describe each programmed
+    Service: its frontends in both families, its endpoints counted in its first family (a dual-stack pod
+    has an address in each). tc: ebpf mode's tc programs run on this node.
     """
-    tracker = ProxyStateTracker(node_name)
+    plans: dict[str, list[ServicePlan]] = {}
+    endpoints: dict[str, list[Endpoint]] = {}
+    for family in (4, 6):
+        state = _state(snapshot, node_name, family)
+        family_plans: dict[str, list[ServicePlan]] = {}
+        for name, plan in sorted(plan_all(state).items()):
+            family_plans.setdefault(name.service_key, []).append(plan)
+        for key, port_plans in family_plans.items():
+            plans.setdefault(key, []).extend(port_plans)
+            endpoints.setdefault(key, [ep for plan in port_plans for ep in state.endpoints.get(plan.name, ())])
+    raw = {f"{s['metadata'].get('namespace')}/{s['metadata']['name']}": s for s in snapshot.services}
+    rows = [_row(key, plans[key], endpoints[key], raw[key], snapshot.pods, node_name) for key in sorted(plans)]
+    if mode == "ebpf":
+        rows = [replace(row, dataplane=dataplane(plans[row.service], tc)) for row in rows]
+    return rows
+
+
+def _state(snapshot: ApiSnapshot, node_name: str, family: int) -> ProxyState:
+    tracker = ProxyStateTracker(node_name, family=family)
     tracker.replace(SERVICE, snapshot.services)
     tracker.replace(ENDPOINT_SLICE, snapshot.slices)
     if snapshot.node is not None:
         tracker.replace(NODE, [snapshot.node])
-    state = tracker.snapshot()
-    plans: dict[str, list[ServicePlan]] = {}
-    for name, plan in sorted(plan_all(state).items()):
-        plans.setdefault(name.service_key, []).append(plan)
-    raw = {f"{s['metadata'].get('namespace')}/{s['metadata']['name']}": s for s in snapshot.services}
-    endpoints = {
-        key: [ep for plan in port_plans for ep in state.endpoints.get(plan.name, ())]
-        for key, port_plans in plans.items()
-    }
-    rows = [
-        _row(key, port_plans, endpoints[key], raw[key], snapshot.pods, node_name)
-        for key, port_plans in plans.items()
-    ]
-    if mode == "ebpf":
-        rows = [replace(row, dataplane=ebpf_dataplane(plans[row.service], tc)) for row in rows]
-    return rows
-
-
-def ebpf_dataplane(plans: Sequence[ServicePlan], tc: bool) -> str:
-    """Where a Service's ports run in ebpf mode, e.g. "ebpf(cluster-ip v4)+nftables(external)"."""
-    return ", ".join(sorted({dataplane(plan, tc) for plan in plans}))
+    return tracker.snapshot()
 
 
 def _row(
@@ -121,7 +120,7 @@ def _row(
     return ServiceRow(
         service=key,
         type=port.type.value,
-        frontends=[f for plan in plans for f in frontends(plan.port)],
+        frontends=list(dict.fromkeys(f for plan in plans for f in frontends(plan.port))),  # one node port
         ready=len({ip for ip, ready, *_ in unique if ready}),
         terminating=len({ip for ip, ready, serving, term, _ in unique if not ready and serving and term}),
         local=len({ip for ip, ready, *_, node in unique if ready and node == node_name}),

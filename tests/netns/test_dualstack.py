@@ -6,6 +6,7 @@ families when the kernel has IPv6, as kube-proxy's dual-stack mode does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from tests.netns.expect import refused_error
 
 BACKENDS = {"backend-0", "backend-1"}
 
@@ -42,6 +44,8 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.create_service(svc("dual", ipFamilyPolicy="RequireDualStack", type="NodePort"))
     lab.create_service(svc("only6", ipFamilies=["IPv6"]))
     lab.create_service(svc("empty6", "nothing", ipFamilies=["IPv6"]))
+    lab.create_service(svc("sticky6", ipFamilies=["IPv6"], sessionAffinity="ClientIP"))
+    lab.create_service(svc("counted6", ipFamilies=["IPv6"]))  # only test_ipv6_cluster_ips_are_socket_balanced's
     for node in ("node1", "node2"):
         lab.start_proxy(node, [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
     for src in ("client1", "client2"):
@@ -84,9 +88,23 @@ def test_ipv4_of_the_same_service(cluster: LabCluster) -> None:
     assert {r.pod for r in replies(cluster, "client2", v4, 80)} == BACKENDS
 
 
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_ipv4_cluster_ip_from_an_ipv6_socket(cluster: LabCluster, proto: str) -> None:
+    """A dual-stack (AF_INET6) socket naming ::ffff:<IPv4 cluster IP>: the kernel runs connect6, not connect4."""
+    v4 = cluster.service("dual")["spec"]["clusterIPs"][0]
+    got = replies(cluster, "client1", f"::ffff:{v4}", 80 if proto == "TCP" else 53, proto)
+    assert {r.pod for r in got} == BACKENDS
+    assert {r.source_ip for r in got} == {cluster.net.pod("client1").ip}  # IPv4 on the wire, not SNATed
+
+
 def test_ipv6_only_service(cluster: LabCluster) -> None:
     assert cluster.service("only6")["spec"]["clusterIPs"] == [ip6(cluster, "only6")]
     assert {r.pod for r in replies(cluster, "client1", ip6(cluster, "only6"), 80)} == BACKENDS
+
+
+@pytest.mark.parametrize("src", ["client1", "client2"])
+def test_ipv6_session_affinity(cluster: LabCluster, src: str) -> None:
+    assert len({r.pod for r in replies(cluster, src, ip6(cluster, "sticky6"), 80)}) == 1
 
 
 @pytest.mark.parametrize("node", ["node1", "node2"])
@@ -100,12 +118,50 @@ def test_ipv6_node_port_from_outside(cluster: LabCluster, node: str) -> None:
 def test_ipv6_without_endpoints_is_refused(cluster: LabCluster) -> None:
     # Over veth the first ICMPv6 error can arrive while connect() still owns the socket, and Linux drops it
     # (TcpExtLockDroppedIcmps); the SYN retransmitted after 1 s is refused. Hence the longer timeout.
+    error = refused_error(cluster.mode, cluster_ip=True)  # type: ignore[attr-defined]
     results = cluster.answers("client1", ip6(cluster, "empty6"), 80, count=5, timeout=3.0)
-    assert all(isinstance(r, ConnectionRefusedError) for r in results), results
+    assert all(isinstance(r, error) for r in results), results
+
+
+def _mentions(rules: str, ip: str) -> bool:
+    return re.search(rf"(?<![0-9a-f:]){re.escape(ip)}(?![0-9a-f:])", rules) is not None
+
+
+def test_ipv6_cluster_ips_are_socket_balanced(cluster: LabCluster) -> None:
+    """ebpf mode: the socket load balancer translates IPv6 cluster IPs (its per-frontend counters count each
+    connection) and the nftables fallback holds none of them, only the node port.
+    """
+    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("only ebpf mode has a socket load balancer")
+    ip = ip6(cluster, "counted6")
+    results: list[Reply | Exception] = []  # every connection made to counted6 (only here)
+
+    def served() -> bool:
+        results.extend(cluster.answers("client1", ip, 80, count=5, timeout=0.5))
+        return all(isinstance(r, Reply) for r in results[-5:])
+
+    wait_until(served, timeout=30, what="counted6 served")
+    results.extend(cluster.answers("client1", ip, 80, count=30))
+    translated = sum(isinstance(r, Reply) for r in results)
+    assert {r.pod for r in results[-30:] if isinstance(r, Reply)} == BACKENDS
+    counted = ("default/counted6:http", f"[{ip}]:80/TCP")
+    wait_until(lambda: connections(cluster, *counted) >= translated, timeout=30, what="the eBPF counter")
+    assert connections(cluster, *counted) <= len(results)
+    rules = cluster.net.exec("node1", ["nft", "list", "table", "ip6", "kube-proxy"]).stdout
+    assert "default/dual/tcp/http" in rules and "dnat to [fd00:244:" in rules  # the node port falls back
+    assert not any(_mentions(rules, ip6(cluster, name)) for name in ("dual", "only6", "empty6", "counted6"))
+
+
+def connections(lab: LabCluster, service: str, frontend: str) -> float:
+    """node1's kproxyd_service_connections_total for one Service frontend (0 until it shows)."""
+    metrics = lab.http_get("node1", "127.0.0.1", 10249, "/metrics", timeout=10.0)[1]  # a busy CI machine
+    labels = f'{{frontend="{frontend}",service="{service}"}}'
+    found = re.search(rf"^kproxyd_service_connections_total{re.escape(labels)} (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_ipv6_rules_read_like_kube_proxy(cluster: LabCluster) -> None:
-    if cluster.mode in ("nftables", "ebpf"):  # type: ignore[attr-defined]  # ebpf: IPv6 is nftables
+    if cluster.mode in ("nftables", "ebpf"):  # type: ignore[attr-defined]  # ebpf: the node port's rules
         rules = cluster.net.exec("node1", ["nft", "list", "table", "ip6", "kube-proxy"]).stdout
         assert "service-" in rules and "default/dual/tcp/http" in rules and "dnat to [fd00:244:" in rules
         return

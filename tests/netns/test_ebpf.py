@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
+from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey
+from kproxyd.backends.ebpf.kernel import HOOKS, SockLbKernel, cgroup2_root, detach_and_unpin
 from kproxyd.lab import nsutil
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
+from kproxyd.model import Protocol
 from tests.netns.expect import TC_ATTACHED, assert_served_by_tc
 
 ATTACHED = "eBPF socket load balancer attached"
@@ -26,7 +28,7 @@ UDP = [{"name": "dns", "containerPort": 8053, "protocol": "UDP"}, {"name": "http
 NODE_PORTS = {"http": 30080, "dns": 30053}
 
 
-def svc(name: str, app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def svc(name: str, app: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
     """A Service with TCP 80 -> 8080 and UDP 53 -> 8053."""
     ports = [
         {"name": "http", "port": 80, "targetPort": 8080},
@@ -36,28 +38,53 @@ def svc(name: str, app: str, annotations: dict[str, str] | None = None) -> dict[
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": "default", "annotations": annotations or {}},
-        "spec": {"selector": {"app": app}, "ports": ports},
+        "spec": {"selector": {"app": app}, "ports": ports, **spec},
     }
 
 
-def test_programs_compile_load_attach_and_clean_up() -> None:
-    cgroup = os.path.join(cgroup2_root(), f"kproxyd-test-{secrets.token_hex(3)}")  # ours, never the root
+@pytest.fixture
+def scratch() -> Iterator[tuple[str, str]]:
+    """A cgroup of our own (never the root) and a pin directory, both removed afterwards."""
+    cgroup = os.path.join(cgroup2_root(), f"kproxyd-test-{secrets.token_hex(3)}")
     pin = f"/sys/fs/bpf/kproxyd-test-{secrets.token_hex(3)}"
     os.mkdir(cgroup)
     try:
-        kernel = SockLbKernel(cgroup, pin)
-        started = time.monotonic()
-        kernel.load()
-        print(f"compile+load+attach: {time.monotonic() - started:.2f} s")
-        assert kernel.attached()
-        assert {"frontends", "slots", "counters", "affinity", "reverse", "prog_connect4"} <= set(os.listdir(pin))
-        assert kernel.read_image() == {}
-        assert sorted(detach_and_unpin(cgroup, pin)) == ["connect4", "getpeername4", "recvmsg4", "sendmsg4"]
-        assert not os.path.exists(pin)
-        assert detach_and_unpin(cgroup, pin) == []  # nothing there: a no-op, no compile
+        yield cgroup, pin
     finally:
         detach_and_unpin(cgroup, pin)
         os.rmdir(cgroup)
+
+
+def test_programs_compile_load_attach_and_clean_up(scratch: tuple[str, str]) -> None:
+    cgroup, pin = scratch
+    kernel = SockLbKernel(cgroup, pin)
+    started = time.monotonic()
+    kernel.load()
+    print(f"compile+load: {time.monotonic() - started:.2f} s")
+    assert not kernel.attached()  # attached only once the first write filled the maps
+    kernel.attach()
+    assert kernel.attached()
+    assert {"frontends", "slots", "counters", "affinity", "reverse", "prog_connect6"} <= set(os.listdir(pin))
+    assert kernel.read_image(4) == kernel.read_image(6) == {}
+    assert sorted(detach_and_unpin(cgroup, pin)) == sorted(HOOKS)  # the v4 and the v6 programs
+    assert not os.path.exists(pin)
+    assert detach_and_unpin(cgroup, pin) == []  # nothing there: a no-op, no compile
+
+
+def test_maps_pinned_by_an_earlier_layout_are_replaced(scratch: tuple[str, str]) -> None:
+    """bcc would reuse a pinned map of another key size as it is (the IPv4-only layout's 8-byte keys)."""
+    from bcc import BPF
+
+    cgroup, pin = scratch
+    os.makedirs(pin)
+    old = BPF(text=f'BPF_TABLE_PINNED("hash", u64, u64, frontends, 16, "{pin}/frontends");'.encode())
+    old.cleanup()
+    kernel = SockLbKernel(cgroup, pin)
+    kernel.load()
+    kernel.write({FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))}, [])
+    assert kernel.read_image(6) == {
+        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +94,8 @@ def cluster() -> Iterator[LabCluster]:
         lab.add_pod("web-0", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("web-1", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("client", "node1", {"app": "client"})
-        lab.create_service(svc("web", "web"))
-        node_port = svc("web-np", "web")
-        node_port["spec"]["type"] = "NodePort"
+        lab.create_service(svc("web", "web", ipFamilyPolicy="RequireDualStack"))
+        node_port = svc("web-np", "web", type="NodePort")
         for port in node_port["spec"]["ports"]:
             port["nodePort"] = NODE_PORTS[port["name"]]
         lab.create_service(node_port)
@@ -140,35 +166,46 @@ def _flows(lab: LabCluster, ip: str, ports: range) -> dict[int, str]:
 
 
 def test_maglev_keeps_flows_when_a_backend_goes(cluster: LabCluster) -> None:
+    """In both families: a dual-stack Service's IPv4 and IPv6 cluster IPs each hash flows Maglev's way."""
     for i in range(4):
         cluster.add_pod(f"mag-{i}", "node1", {"app": "mag"}, ports=UDP)
-    ip = cluster.create_service(svc("mag", "mag", {"kproxyd.io/lb-algorithm": "maglev"}))["spec"]["clusterIP"]
+    maglev = svc("mag", "mag", {"kproxyd.io/lb-algorithm": "maglev"}, ipFamilyPolicy="RequireDualStack")
+    ips = cluster.create_service(maglev)["spec"]["clusterIPs"]
     ports = range(43000, 43080)
-    wait_until(lambda: len(set(_flows(cluster, ip, range(43000, 43020)).values())) == 4, timeout=30, what="4 pods")
-    before = _flows(cluster, ip, ports)
-    assert before == _flows(cluster, ip, ports)  # a flow keeps its backend: hashed, not random
+    for ip in ips:
+        wait_until(
+            lambda ip=ip: len(set(_flows(cluster, ip, ports[:20]).values())) == 4, timeout=30, what="4 pods"
+        )
+    before = {ip: _flows(cluster, ip, ports) for ip in ips}
+    assert before == {ip: _flows(cluster, ip, ports) for ip in ips}  # a flow keeps its backend: hashed
     cluster.delete_pod("mag-3")
-    wait_until(lambda: "mag-3" not in _flows(cluster, ip, ports).values(), timeout=30, what="mag-3 gone")
-    after = _flows(cluster, ip, ports)
-    moved = [p for p in ports if before[p] != "mag-3" and after[p] != before[p]]
-    assert len(moved) <= len(ports) * 0.1, moved  # only mag-3's flows (about 1/4) had to move
+    for ip in ips:
+        wait_until(lambda ip=ip: "mag-3" not in _flows(cluster, ip, ports).values(), timeout=30, what="mag-3 gone")
+    for ip in ips:
+        after = _flows(cluster, ip, ports)
+        moved = [p for p in ports if before[ip][p] != "mag-3" and after[p] != before[ip][p]]
+        assert len(moved) <= len(ports) * 0.1, (ip, moved)  # only mag-3's flows (about 1/4) had to move
 
 
-def test_applications_see_the_service_address(cluster: LabCluster) -> None:
+@pytest.mark.parametrize("kind", ["IPv4", "IPv6", "IPv4-mapped"])
+def test_applications_see_the_service_address(cluster: LabCluster, kind: str) -> None:
     """getpeername() of a translated TCP connection, and recvfrom() of an unconnected UDP socket's reply,
-    show the cluster IP the application asked for, not the backend (getpeername4 and recvmsg4 programs).
+    show the cluster IP the application asked for, not the backend (the getpeername and recvmsg programs);
+    an IPv6 socket naming ::ffff:<IPv4 cluster IP> runs the "6" programs on the IPv4 frontend.
     """
-    ip = _cluster_ip(cluster, "web")
+    v4, v6 = cluster.service("web")["spec"]["clusterIPs"]
+    ip = {"IPv4": v4, "IPv6": v6, "IPv4-mapped": f"::ffff:{v4}"}[kind]
+    family = socket.AF_INET if kind == "IPv4" else socket.AF_INET6
     wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}), timeout=30, what="web served")
-    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_STREAM) as tcp:
+    with cluster.net.socket("client", family, socket.SOCK_STREAM) as tcp:
         tcp.settimeout(2)
         tcp.connect((ip, 80))
-        assert tcp.getpeername() == (ip, 80)
-    with cluster.net.socket("client", socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert tcp.getpeername()[:2] == (ip, 80)
+    with cluster.net.socket("client", family, socket.SOCK_DGRAM) as udp:
         udp.settimeout(2)
         udp.sendto(b"HELLO\n", (ip, 53))
         data, peer = udp.recvfrom(4096)
-    assert peer == (ip, 53)
+    assert peer[:2] == (ip, 53)
     assert data.split()[0].decode() in {"web-0", "web-1"}
 
 

@@ -1,4 +1,4 @@
-"""Partial syncs written as netlink batches leave the same table as the same syncs through `nft -f`."""
+"""Syncs written as netlink batches (full and partial) leave the same table as the same syncs through `nft -f`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kproxyd.backends.nftables.backend import NftablesBackend
-from kproxyd.backends.nftables.kernel import NftKernel
+from kproxyd.backends.nftables.kernel import NftError, NftKernel
 from kproxyd.backends.nftables.names import TABLE
 from kproxyd.backends.nftables.netlink import Batch, NetlinkError
 from kproxyd.backends.nftables.render import IPV4, IPV6, Family
@@ -79,7 +79,12 @@ def workload(family: Family, **endpoints: list[str]) -> dict[ServicePortName, Se
             type=ServiceType.LOAD_BALANCER,
             node_port=30083,
             load_balancer_ips=(ip("172.29.0.6"),),
-            load_balancer_source_ranges=(f"{ip('172.28.0.0')}/{24 if family is IPV4 else 120}",),
+            load_balancer_source_ranges=(  # an interval set: prefixes, adjacent ones merged, an address
+                f"{ip('172.28.0.0')}/{24 if family is IPV4 else 120}",
+                f"{ip('172.28.1.0')}/{24 if family is IPV4 else 120}",
+                f"{ip('172.27.0.0')}/{16 if family is IPV4 else 112}",
+                ip("172.26.5.5"),
+            ),
         ),
     }
     pairs = []
@@ -106,7 +111,24 @@ STEPS: list[tuple[str, dict[str, list[str]], str]] = [
     ("a Local-policy Service changes", {**START, "local": ["10.2.0.8"]}, "netlink"),
     ("a Service loses its endpoints", {**START, "web": []}, "netlink"),
     ("a firewalled LB Service removed", {k: v for k, v in START.items() if k != "lb"}, "netlink"),
-    ("a firewalled LB Service added", START, "nft"),  # its anonymous source set is left to nft
+    ("a firewalled LB Service added", START, "netlink"),
+]
+
+
+NO_FIREWALL = {name: eps for name, eps in START.items() if name != "lb"}
+# (what, the Services of a full sync, the writer it takes): cold, then resyncs over what the table holds
+FULL_STEPS: list[tuple[str, dict[str, list[str]], str]] = [
+    ("cold", NO_FIREWALL, "netlink"),
+    ("resync, unchanged", NO_FIREWALL, "netlink"),
+    (
+        "resync after changes",
+        {**NO_FIREWALL, "web": ["10.1.0.1", "10.9.9.9"], "aff": ["10.1.0.5"], "empty": ["10.1.0.10"]},
+        "netlink",
+    ),
+    ("resync, a Service removed", {k: v for k, v in NO_FIREWALL.items() if k != "np"}, "netlink"),
+    ("a firewalled LB Service", START, "netlink"),
+    ("resync, its source ranges changed", {**START, "lb": ["10.1.0.9", "10.2.0.19"]}, "netlink"),
+    ("resync without it", NO_FIREWALL, "netlink"),
 ]
 
 
@@ -140,6 +162,36 @@ def test_netlink_partial_syncs_match_nft(make_netns: Callable[[], str], family: 
         assert listing(kernels[0], family) == listing(kernels[1], family), what
         before = after
     assert len(kernels[0].writers) == len(kernels[1].writers) == len(STEPS) + 1
+
+
+@pytest.mark.parametrize("family", [IPV4, IPV6], ids=["ip", "ip6"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_netlink_full_syncs_match_nft(make_netns: Callable[[], str], family: Family, config: str) -> None:
+    kernels = RecordingKernel(make_netns(), netlink=True), RecordingKernel(make_netns(), netlink=False)
+    backends = [NftablesBackend(CONFIGS[config], k, lambda _f: list(NODE.addresses), family) for k in kernels]
+    for what, endpoints, writer in FULL_STEPS:
+        plans = workload(family, **endpoints)
+        for backend in backends:
+            backend.apply(plans, None, NODE)
+        assert (kernels[0].writers[-1], kernels[1].writers[-1]) == (writer, "nft"), what
+        assert listing(kernels[0], family) == listing(kernels[1], family), what
+    # partial syncs go on from a table a netlink full sync wrote
+    after = workload(family, **{**NO_FIREWALL, "web": ["10.1.0.3"]})
+    for backend in backends:
+        backend.apply(after, {spn(name="web")}, NODE)
+    assert kernels[0].writers[-1] == "netlink"
+    assert listing(kernels[0], family) == listing(kernels[1], family)
+
+
+def test_refused_full_sync_goes_through_nft(netns: str) -> None:
+    kernel = RecordingKernel(netns, netlink=True)
+    backend = NftablesBackend(CONFIGS["cluster-cidr"], kernel, lambda _f: list(NODE.addresses), IPV4)
+    # a set where the table's verdict map of the same name belongs: the kernel refuses the batch, and nft -f
+    # the same transaction, saying where
+    kernel.run(f"add table ip {TABLE}\nadd set ip {TABLE} service-ips {{ type ipv4_addr ; }}\n")
+    with pytest.raises(NftError):
+        backend.apply(workload(IPV4, **NO_FIREWALL), None, NODE)
+    assert kernel.writers[-2:] == ["netlink", "nft"]
 
 
 def test_refused_batch_changes_nothing(netns: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -9,7 +11,8 @@ import pytest
 
 from kproxyd.backends import FrontendCounter, WriteStats
 from kproxyd.backends.ebpf import image as img
-from kproxyd.backends.ebpf.backend import EbpfBackend
+from kproxyd.backends.ebpf import kernel as kernel_module
+from kproxyd.backends.ebpf.backend import EbpfBackend, socket_lb
 from kproxyd.backends.ebpf.kernel import SockLbKernel
 from kproxyd.backends.ebpf.maglev import TABLE_SIZE, maglev_table
 from kproxyd.config import ProxyConfig
@@ -74,13 +77,40 @@ def test_internal_traffic_policy_local_without_local_endpoints_fails() -> None:
     assert image[img.FrontendKey("10.96.0.10", 80, Protocol.TCP)].flags == img.F_NO_ENDPOINTS
 
 
-def test_sctp_and_ipv6_stay_with_nftables() -> None:
+def test_sctp_stays_with_nftables() -> None:
     sctp = svc(spn(name="sctp", proto=Protocol.SCTP), "10.96.0.10")
+    state = plans((sctp, eps("10.0.1.2")))
+    assert img.image(state, "random") == {}
+    assert set(img.fallback_plans(state)) == {sctp.name}
+    assert img.dataplane([state[sctp.name]]) == "nftables(sctp)"
+
+
+def test_image_of_an_ipv6_cluster_ip() -> None:
     six = svc(spn(name="six"), "fd00:96::10")
-    both = plans((sctp, eps("10.0.1.2")), (six, eps("fd00:244::2")))
-    assert img.image(both, "random") == {}
-    assert set(img.fallback_plans(both)) == {sctp.name}  # IPv6 has its own (nftables-only) backend
-    assert img.dataplane(both[sctp.name], tc=True) == "nftables"
+    hashed = svc(spn(name="hashed6"), "fd00:96::11", lb_algorithm="maglev")
+    state = plans((six, eps("fd00:244::2", "fd00:244::3", port=8080)), (hashed, eps("fd00:244::2")))
+    image = img.image(state, "random")
+    key = img.FrontendKey("fd00:96::10", 80, Protocol.TCP)
+    assert image[key] == img.FrontendEntry((("fd00:244::2", 8080), ("fd00:244::3", 8080)))
+    assert image[img.address_key("fd00:96::10")] == img.ADDRESS_ENTRY
+    assert set(image[img.FrontendKey("fd00:96::11", 80, Protocol.TCP)].slots) == {("fd00:244::2", 80)}
+    assert img.fallback_plans(state) == {}  # IPv6 cluster IPs are eBPF's too: nothing falls back
+    assert img.dataplane([state[six.name]]) == "ebpf(cluster-ip v6)"
+
+
+def test_ipv6_node_port_falls_back_without_its_cluster_ip() -> None:
+    port = svc(spn(), "fd00:96::10", node_port=30080)
+    fallback = img.fallback_plans(plans((port, eps("fd00:244::2"))))
+    assert fallback[port.name].port.cluster_ips == ()
+    assert img.dataplane(plans((port, eps("fd00:244::2"))).values()) == "ebpf(cluster-ip v6)+nftables(external)"
+
+
+@pytest.mark.parametrize(("ip", "mapped"), [("10.96.0.10", "::ffff:10.96.0.10"), ("fd00:96::10", "fd00:96::10")])
+def test_map_addresses_are_16_bytes_ipv4_mapped(ip: str, mapped: str) -> None:
+    """IPv4 as ::ffff:a.b.c.d: connect6 to ::ffff:<cluster IP> (a dual-stack socket) finds the IPv4 frontend."""
+    words = kernel_module._ip(ip)
+    assert struct.pack("<4I", *words) == ipaddress.IPv6Address(mapped).packed  # bytes in network order
+    assert kernel_module._ip_text(words) == ip
 
 
 def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
@@ -90,10 +120,7 @@ def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
     assert list(fallback) == [node_port.name]
     assert fallback[node_port.name].port.cluster_ips == ()
     assert fallback[node_port.name].port.node_port == 30080
-    assert (
-        img.dataplane(plans((node_port, eps("10.0.1.2")))[node_port.name], tc=False)
-        == "ebpf(cluster-ip v4)+nftables(external)"
-    )
+    assert img.dataplane(plans((node_port, eps("10.0.1.2"))).values()) == "ebpf(cluster-ip v4)+nftables(external)"
 
 
 @dataclass
@@ -109,9 +136,14 @@ class FakeKernel(SockLbKernel):
 
     def load(self) -> None:
         self.loads += 1
+        self.generation += 1
+        self._bpf = self  # loaded: stands in for bcc's object
 
-    def read_image(self) -> img.Image:
-        return dict(self.maps)
+    def attach(self) -> None:
+        pass
+
+    def read_image(self, family: int) -> img.Image:
+        return {key: entry for key, entry in self.maps.items() if img.family_of(key.ip) == family}
 
     def write(self, upserts: img.Image, deletes: list[img.FrontendKey]) -> int:
         self.writes.append((upserts, deletes))
@@ -154,9 +186,32 @@ class FakeFallback:
         self.calls.append((set(), "removed"))
 
 
-def _backend(kernel: FakeKernel) -> tuple[EbpfBackend, FakeFallback]:
+def _backend(kernel: FakeKernel, family: int = 4) -> tuple[EbpfBackend, FakeFallback]:
     fallback = FakeFallback()
-    return EbpfBackend(ProxyConfig(mode="ebpf"), fallback, kernel), fallback
+    return EbpfBackend(ProxyConfig(mode="ebpf"), fallback, kernel, family), fallback
+
+
+def test_both_families_share_one_socket_load_balancer() -> None:
+    config = ProxyConfig(mode="ebpf", cgroup_root="/sys/fs/cgroup/kproxyd-unit", bpf_pin_path="/sys/fs/bpf/unit")
+    assert EbpfBackend.for_config(config, 4)._kernel is EbpfBackend.for_config(config, 6)._kernel
+    assert socket_lb("/a", "/b") is socket_lb("/a", "/b") is not socket_lb("/a", "/c")
+
+
+def test_families_write_their_own_frontends_and_reread_after_a_reload() -> None:
+    four, six = svc(spn(name="four"), "10.96.0.10"), svc(spn(name="six"), "fd00:96::10")
+    v4, v6 = plans((four, eps("10.0.1.2"))), plans((six, eps("fd00:244::2")))
+    kernel = FakeKernel()
+    (backend4, _), (backend6, _) = _backend(kernel, 4), _backend(kernel, 6)
+    backend4.apply(v4, None, NODE)
+    backend6.apply(v6, None, NODE)
+    assert kernel.loads == 1  # one load for both families
+    assert kernel.maps == img.image(v4, "random") | img.image(v6, "random")  # v6's sync left v4's alone
+    kernel.invalidate()  # a failure or drift seen by either family
+    kernel.writes.clear()
+    backend6.apply(v6, None, NODE)
+    backend4.apply(v4, set(), NODE)  # a partial sync: still rereads, the load moved on
+    assert kernel.loads == 2 and kernel.writes == [({}, []), ({}, [])]  # both reread: nothing to rewrite
+    assert backend4.frontends() == {key: four.name for key in img.plan_image(v4[four.name], "random")}
 
 
 def test_restart_rewrites_only_what_differs() -> None:

@@ -40,7 +40,7 @@ def test_external_and_load_balancer_ips_at_the_service_port() -> None:
         "10.96.0.10",
         type=ServiceType.LOAD_BALANCER,
         external_ips=("172.29.0.5",),
-        load_balancer_ips=("172.29.0.6", "fd00:29::6"),
+        load_balancer_ips=("172.29.0.6",),
     )
     plan = plans((port, eps("10.0.1.2")))[port.name]
     assert set(tc.plan_image(plan, NODE_IPS, "random")) == {
@@ -69,9 +69,12 @@ def test_what_stays_with_the_nftables_fallback() -> None:
         *plans((cluster_ip, eps("10.0.1.2"))).values(),
     ]:
         assert tc.plan_image(plan, NODE_IPS, "random") == {}, plan.port
-    assert img.dataplane(no_endpoints, tc=True) == "ebpf(cluster-ip v4)+nftables(external)"
+    assert img.dataplane([no_endpoints], tc=True) == "ebpf(cluster-ip v4)+nftables(external)"
     served = plans((node_port, eps("10.0.1.2")))[node_port.name]
-    assert img.dataplane(served, tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node, v6)"
+    assert img.dataplane([served], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
+    assert (
+        img.dataplane([served, no_endpoints], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external)"
+    )
 
 
 def test_node_port_addresses() -> None:
@@ -89,9 +92,13 @@ class FakeTcKernel(FakeKernel):
 
     local: list[str] = field(default_factory=lambda: ["172.28.0.11"])
     attaches: int = 0
+    removed: bool = False
 
-    def attach(self) -> None:
+    def attach_interfaces(self) -> None:
         self.attaches += 1
+
+    def remove(self) -> None:
+        self.removed = True
 
     def local_addresses(self) -> list[str]:
         return self.local
@@ -99,7 +106,7 @@ class FakeTcKernel(FakeKernel):
 
 def test_backend_writes_tc_maps_full_and_partial_and_counts() -> None:
     sockets, kernel = FakeKernel(), FakeTcKernel()
-    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, kernel)  # type: ignore[arg-type]
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, tc_kernel=kernel)  # type: ignore[arg-type]
     web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
     other = svc(spn(name="other"), "10.96.0.11", node_port=30081)
     state = plans((web, eps("10.0.1.2")), (other, eps("10.0.1.3")))
@@ -122,7 +129,14 @@ def test_a_tc_program_that_cannot_load_leaves_external_traffic_to_nftables() -> 
             raise OSError("no clsact here")
 
     broken = Broken()
-    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), broken)  # type: ignore[arg-type]
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), tc_kernel=broken)  # type: ignore[arg-type]
     web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
     backend.apply(plans((web, eps("10.0.1.2"))), None, NODE)  # no exception: the fallback has it all
-    assert broken.writes == [] and backend.tc_frontends() == {}
+    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removed
+
+
+def test_only_the_ipv4_backend_runs_tc() -> None:
+    """An IPv6 plan's node port would be keyed on the IPv4 node IPs with IPv6 backends: tc is the v4 backend's."""
+    config = ProxyConfig(mode="ebpf", cgroup_root="/sys/fs/cgroup/kproxyd-unit", bpf_pin_path="/sys/fs/bpf/unit")
+    assert isinstance(EbpfBackend.for_config(config, 4)._tc, tc.TcKernel)
+    assert EbpfBackend.for_config(config, 6)._tc is None

@@ -167,6 +167,36 @@ def test_ebpf_mode_shows_what_runs_where() -> None:
     assert format_table(service_rows(snapshot, "node1", "ebpf")).splitlines()[0].endswith("DATAPLANE")
     served = replace(snapshot, slices=[*snapshot.slices, endpoint_slice("np", ("10.0.1.1", "node1", True, False))])
     rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=True)}
-    assert rows["default/np"] == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node, v6)"
+    assert rows["default/np"] == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
     rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=False)}
     assert rows["default/np"] == "ebpf(cluster-ip v4)+nftables(external)"  # tc not running here
+
+
+def test_ipv6_services_show_in_both_families() -> None:
+    """Each family is planned apart, as the daemon does: an IPv6-only Service shows, a dual-stack one lists
+    both cluster IPs (its node port once) and counts a pod once, not once per address.
+    """
+    six_slice = {**endpoint_slice("dual", ("fd00:244::1", "node1", True, False)), "addressType": "IPv6"}
+    six_slice["metadata"] = {**six_slice["metadata"], "name": "dual-six"}
+    snapshot = ApiSnapshot(
+        [
+            service(
+                "dual",
+                {"app": "web"},
+                clusterIPs=["10.96.0.10", "fd00:96::10"],
+                type="NodePort",
+                ports=[NODE_PORT],
+            ),
+            service("six", {"app": "none"}, clusterIP="fd00:96::11", clusterIPs=["fd00:96::11"]),
+        ],
+        [endpoint_slice("dual", ("10.0.1.1", "node1", True, False)), six_slice],
+        [],
+        NODE,
+    )
+    rows = {row.service: row for row in service_rows(snapshot, "node1", "ebpf")}
+    assert rows["default/dual"].frontends == ["10.96.0.10:80/TCP", "nodePort 30080/TCP", "fd00:96::10:80/TCP"]
+    assert rows["default/dual"].ready == 1
+    assert rows["default/dual"].dataplane == "ebpf(cluster-ip v4+v6)+nftables(external)"
+    assert rows["default/six"].dataplane == "ebpf(cluster-ip v6)"
+    dual = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf", tc=True)}["default/dual"]
+    assert dual == "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)"  # tc is IPv4 only

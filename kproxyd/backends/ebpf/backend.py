@@ -1,9 +1,12 @@
-"""The eBPF Backend: IPv4 TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
-incrementally), everything else through an nftables fallback that renders only what eBPF does not carry.
+"""The eBPF Backend: TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
+incrementally), IPv4 external frontends from the network in tc, everything else through an nftables fallback
+that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
+the one socket load balancer's maps, the IPv4 one also tc's.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -35,8 +38,18 @@ def cgroup_of(config: ProxyConfig) -> str:
     return config.cgroup_root or cgroup2_root()
 
 
+@functools.cache
+def socket_lb(cgroup: str, pin_path: str) -> SockLbKernel:
+    """The process's socket load balancer for a cgroup and pin directory, shared by both families' backends
+    (one load, one slot revision counter for the one map set).
+    """
+    return SockLbKernel(cgroup, pin_path)
+
+
 class EbpfBackend:
-    """Socket load balancing for IPv4 cluster IPs; the nftables fallback for external frontends (and SCTP)."""
+    """Socket load balancing for one family's cluster IPs; tc for IPv4 external frontends from the network;
+    the nftables fallback for external frontends (and SCTP).
+    """
 
     name = "ebpf"
 
@@ -44,29 +57,33 @@ class EbpfBackend:
         self,
         config: ProxyConfig,
         fallback: Fallback,
-        kernel: SockLbKernel | None = None,
+        kernel: SockLbKernel,
+        family: int = 4,
         tc_kernel: tc.TcKernel | None = None,
     ) -> None:
-        """kernel None: the family has no socket load balancer (IPv6): the fallback does everything; tc_kernel
-        None: no tc program, the fallback carries external frontends from the network too.
+        """tc_kernel None: no tc program (IPv6, or tc off), the fallback carries external frontends from the
+        network too.
         """
         self._config = config
         self._fallback = fallback
         self._kernel = kernel
+        self._family = family
         self._tc = tc_kernel
         self._tc_ports: dict[ServicePortName, img.Image] | None = None  # what the tc maps hold; None: unknown
-        self._ports: dict[ServicePortName, img.Image] | None = None  # what the maps hold; None: unknown
+        self._ports: dict[ServicePortName, img.Image] = {}  # what the maps hold for this family
+        self._generation = 0  # the kernel load _ports was read from; another one: unknown, reread
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
         self._fallback_live = False  # its table exists (written by this process)
         self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
-        """IPv4: the socket load balancer on the configured cgroup and pin path; IPv6: nftables only."""
-        if family != 4:
-            return cls(config, NftablesBackend.for_config(config, family))
-        kernel = SockLbKernel(cgroup_of(config), config.bpf_pin_path)
-        return cls(config, NftablesBackend.for_config(config, family), kernel, tc.TcKernel(config.bpf_pin_path))
+        """The socket load balancer on the configured cgroup and pin path, this family's nftables fallback;
+        IPv4 also the tc programs (their maps and keys are IPv4: an IPv6 plan's node port is on IPv6 node IPs).
+        """
+        kernel = socket_lb(cgroup_of(config), config.bpf_pin_path)
+        tc_kernel = tc.TcKernel(config.bpf_pin_path) if family == 4 else None
+        return cls(config, NftablesBackend.for_config(config, family), kernel, family, tc_kernel)
 
     def apply(
         self,
@@ -75,10 +92,10 @@ class EbpfBackend:
         node: NodeInfo,
     ) -> WriteStats:
         """Maps first (only what changed), then the nftables fallback for the plans it renders, then tc."""
-        writes = self._write_maps(plans, changed) if self._kernel is not None else 0
+        writes = self._write_maps(plans, changed)
         stats = WriteStats()
         if changed is None:
-            self._fallback_plans = img.fallback_plans(plans) if self._kernel is not None else dict(plans)
+            self._fallback_plans = img.fallback_plans(plans)
             stats = self._apply_fallback(None, node)
         elif fallback_changed := self._update_fallback(plans, changed):
             stats = self._apply_fallback(fallback_changed, node)
@@ -105,7 +122,7 @@ class EbpfBackend:
         touched = {name for name in changed if name in self._fallback_plans}
         for name in changed:
             plan = plans.get(name)
-            fallback = (img.fallback_plan(plan) if self._kernel is not None else plan) if plan else None
+            fallback = img.fallback_plan(plan) if plan else None
             if fallback is None:
                 self._fallback_plans.pop(name, None)
             else:
@@ -117,15 +134,16 @@ class EbpfBackend:
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None
     ) -> int:
         kernel = self._kernel
-        assert kernel is not None
         algorithm = self._config.ebpf_lb_algorithm
         started = time.monotonic()
         try:
-            first = self._ports is None
-            if self._ports is None:
+            if not kernel.loaded:
                 kernel.load()
-                old = kernel.read_image()  # an earlier run's maps: rewrite only what differs
+            first = self._generation != kernel.generation  # our first sync, or (either family) reloaded since
+            if first:
+                old = kernel.read_image(self._family)  # an earlier run's maps: rewrite only what differs
                 self._ports, self._addresses = {}, Counter()
+                self._generation = kernel.generation
                 names: set[ServicePortName] = set(plans)
             else:
                 old = {}
@@ -133,8 +151,9 @@ class EbpfBackend:
             new = self._replace_ports(plans, names, old, algorithm, first)
             upserts, deletes = img.diff(old, new)
             writes = kernel.write(upserts, deletes)
+            kernel.attach()
         except Exception:
-            self._ports = None  # unknown after a failure: reload and reread on the next sync
+            kernel.invalidate()  # unknown after a failure: reload, and both families reread, on the next sync
             raise
         log.debug(
             "eBPF maps written",
@@ -158,10 +177,10 @@ class EbpfBackend:
         try:
             if self._tc_ports is None:
                 kernel.load()
-                old, self._tc_ports = kernel.read_image(), {}
+                old, self._tc_ports = kernel.read_image(4), {}
                 changed = None
             elif changed is None:
-                kernel.attach()
+                kernel.attach_interfaces()
                 old = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             if changed is None:
                 self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
@@ -172,8 +191,7 @@ class EbpfBackend:
         except Exception:
             if self._tc_ports is None:
                 log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
-                tc.detach_tc()
-                tc.unpin(self._config.bpf_pin_path)
+                kernel.remove()
                 self._tc = None
                 return 0
             self._tc_ports = None  # unknown after a failure: reload and reread on the next sync
@@ -210,7 +228,6 @@ class EbpfBackend:
         """Replace the named ports' images in place (O(changed)); add what they held to old, return what they
         hold now, each with the address entries of the cluster IPs that appear or disappear.
         """
-        assert self._ports is not None
         ports, addresses = self._ports, self._addresses
         before: dict[str, int] = {}
         new: img.Image = {}
@@ -237,21 +254,23 @@ class EbpfBackend:
 
     def frontends(self) -> dict[img.FrontendKey, ServicePortName]:
         """The ServicePort of each frontend in the maps."""
-        return {key: name for name, image in (self._ports or {}).items() for key in image}
+        if not self._kernel.loaded or self._generation != self._kernel.generation:
+            return {}  # unknown until the next sync rereads the maps
+        return {key: name for name, image in self._ports.items() for key in image}
 
     def connection_counters(self) -> list[FrontendCounter]:
         """Translated connections per cluster-IP frontend from the counters map, plus the fallback's."""
         counters = self._fallback.connection_counters()
         owners = self.frontends()
-        if self._kernel is not None and owners:
+        if owners:
             for key, count in self._kernel.counters():
                 if key in owners:
-                    counters.append(FrontendCounter(str(owners[key]), str(key).upper(), count))
+                    counters.append(FrontendCounter(str(owners[key]), str(key), count))
         tc_owners = self.tc_frontends()
         if self._tc is not None and tc_owners:
             for key, count in self._tc.counters():
                 if key in tc_owners:
-                    counters.append(FrontendCounter(str(tc_owners[key]), f"{str(key).upper()} (TC)", count))
+                    counters.append(FrontendCounter(str(tc_owners[key]), f"{key} (TC)", count))
         return counters
 
     def tc_frontends(self) -> dict[img.FrontendKey, ServicePortName]:
@@ -262,11 +281,11 @@ class EbpfBackend:
         """True when our programs were detached or unpinned behind our back (then reload), or the fallback's
         table was removed.
         """
-        if self._kernel is not None and self._ports is not None and not self._kernel.attached():
+        if self._kernel.loaded and not self._kernel.attached():
             log.warning(
                 "eBPF programs detached or unpinned behind our back: reloading", pin=self._config.bpf_pin_path
             )
-            self._ports = None
+            self._kernel.invalidate()
             return True
         if self._tc is not None and self._tc_ports is not None and not self._tc.attached():
             log.warning(

@@ -1,13 +1,14 @@
 """Plans → what the eBPF maps must hold (pure): one entry per Service frontend, with its backend slots.
 
-The socket load balancer carries IPv4 TCP and UDP cluster IPs. Node ports, external and load-balancer
-IPs arriving from the network (and SCTP, and IPv6) are left to the nftables fallback: fallback_plans
-says which plans, stripped of the cluster IPs the socket load balancer already serves.
+The socket load balancer carries TCP and UDP cluster IPs of both families (one image per family: plans come
+per family). Node ports, external and load-balancer IPs arriving from the network (and SCTP) are left to
+the nftables fallback: fallback_plans says which plans, stripped of the cluster IPs the socket load
+balancer already serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.ebpf.maglev import maglev_table
@@ -28,7 +29,8 @@ class FrontendKey:
     protocol: Protocol
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.protocol}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # as the nftables mode's counters name it
+        return f"{host}:{self.port}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +45,9 @@ class FrontendEntry:
 Image = dict[FrontendKey, FrontendEntry]
 
 
-def _ipv4(ip: str) -> bool:
-    return ":" not in ip  # addresses were validated at conversion: no need to parse them on every sync
+def family_of(ip: str) -> int:
+    """4 or 6 (addresses were validated at conversion: no need to parse them on every sync)."""
+    return 6 if ":" in ip else 4
 
 
 ADDRESS_ENTRY = FrontendEntry((), F_NO_ENDPOINTS)
@@ -63,8 +66,10 @@ def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
 def endpoints_entry(
     plan: ServicePlan, endpoints: Sequence[Endpoint], algorithm: str, flags: int = 0
 ) -> FrontendEntry:
-    """The entry picking from endpoints (their IPv4 ones) with plan's affinity and algorithm, plus flags."""
-    backends = tuple((ep.ip, ep.port) for ep in endpoints if _ipv4(ep.ip))
+    """The entry picking from endpoints (the plan's family: the tracker splits them) with plan's affinity and
+    algorithm, plus flags.
+    """
+    backends = tuple((ep.ip, ep.port) for ep in endpoints)
     affinity = plan.port.session_affinity_timeout or 0
     if not backends:
         return FrontendEntry((), F_NO_ENDPOINTS | flags, affinity)
@@ -75,14 +80,11 @@ def endpoints_entry(
 
 
 def plan_image(plan: ServicePlan, algorithm: str) -> Image:
-    """The frontends one plan puts in the maps (none for SCTP or IPv6)."""
-    if plan.port.protocol not in SOCKET_PROTOCOLS:
-        return {}
-    cluster_ips = [ip for ip in plan.port.cluster_ips if _ipv4(ip)]
-    if not cluster_ips:
+    """The frontends one plan puts in the maps (none for SCTP)."""
+    if plan.port.protocol not in SOCKET_PROTOCOLS or not plan.port.cluster_ips:
         return {}
     entry = frontend_entry(plan, algorithm)
-    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in cluster_ips}
+    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in plan.port.cluster_ips}
 
 
 def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str) -> Image:
@@ -114,9 +116,9 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
 
 
 def tc_serves(plan: ServicePlan) -> bool:
-    """True when tc (bpf/tc_nat.c) carries plan's IPv4 external frontends from the network; the nftables
-    fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, IPv6, and the node's
-    own connections (they never cross an interface's ingress).
+    """True when tc (bpf/tc_nat.c) carries plan's external frontends from the network (IPv4 plans only); the
+    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, IPv6, and
+    the node's own connections (they never cross an interface's ingress).
     """
     return (
         plan.port.protocol in SOCKET_PROTOCOLS
@@ -126,17 +128,25 @@ def tc_serves(plan: ServicePlan) -> bool:
     )
 
 
-def dataplane(plan: ServicePlan, tc: bool) -> str:
-    """Where plan's traffic is handled in ebpf mode (for `kproxyd status` and docs); tc: the tc programs run."""
-    if plan.port.protocol not in SOCKET_PROTOCOLS:
-        return "nftables"
-    parts = ["ebpf(cluster-ip v4)"]
-    if any(not _ipv4(ip) for ip in plan.port.cluster_ips):
-        parts.append("nftables(cluster-ip v6)")
-    if tc and tc_serves(plan):
-        parts.append("tc(external v4)+nftables(external from node, v6)")
-    elif plan.port.externally_accessible:
+def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
+    """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status` (tc: the
+    tc programs run): e.g. "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)".
+    """
+    plans = list(plans)
+    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
+    families = sorted({family_of(ip) for plan in balanced for ip in plan.port.cluster_ips})
+    parts = [f"ebpf(cluster-ip {'+'.join(f'v{family}' for family in families)})"] if families else []
+    external = [plan for plan in balanced if plan.port.externally_accessible]
+    v4 = [plan for plan in external if any(family_of(ip) == 4 for ip in plan.port.cluster_ips)]
+    in_tc = [plan for plan in v4 if tc and tc_serves(plan)]
+    if in_tc:
+        parts.append("tc(external v4)")
+    if len(in_tc) < len(external):
         parts.append("nftables(external)")
+    elif in_tc:
+        parts.append("nftables(external from node)")  # the node's own connections never cross tc ingress
+    if len(balanced) < len(plans):
+        parts.append("nftables(sctp)")
     return "+".join(parts)
 
 

@@ -1,6 +1,9 @@
 """The kernel-facing layer of the eBPF backend: compile bpf/sock_lb.c with bcc, attach it to a cgroup, pin
 programs and maps under a bpffs directory, and read and write the pinned maps.
 
+Both IP families' frontends live in one map set (addresses 16 bytes, IPv4 ones IPv4-mapped), so one
+SockLbKernel per cgroup and pin directory serves both families' backends: one load, one revision counter.
+
 Programs are attached without BPF_F_ALLOW_MULTI, so attaching a newly loaded program atomically replaces
 the one an earlier run left (the kernel swaps them): together with the pinned maps, a restart never leaves
 a connect() untranslated. Only programs pinned in our own directory are ever detached.
@@ -21,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey, Image
+from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey, Image, family_of
 from kproxyd.model import Protocol
 
 log = structlog.get_logger(__name__)
@@ -29,7 +32,16 @@ log = structlog.get_logger(__name__)
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "sock_lb.c"
 CGROUP_SOCK_ADDR = 18  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR
 # program name → BPF attach type (include/uapi/linux/bpf.h)
-HOOKS = {"connect4": 10, "sendmsg4": 14, "recvmsg4": 19, "getpeername4": 29}
+HOOKS = {
+    "connect4": 10,
+    "connect6": 11,
+    "sendmsg4": 14,
+    "sendmsg6": 15,
+    "recvmsg4": 19,
+    "recvmsg6": 20,
+    "getpeername4": 29,
+    "getpeername6": 30,
+}
 MAPS = ("frontends", "slots", "counters", "affinity", "reverse")
 BPFFS_MAGIC = 0xCAFE4A11
 BATCH_MIN = 64
@@ -68,42 +80,110 @@ def ensure_bpffs(pin_path: str) -> None:
     os.makedirs(pin_path, exist_ok=True)
 
 
-def _ip(ip: str) -> int:
-    return int(struct.unpack("<I", socket.inet_aton(ip))[0])
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_WORDS = struct.Struct("<4I")  # the map's u32 addr[4], each word holding network-order bytes
 
 
-def _ip_text(value: int) -> str:
-    return socket.inet_ntoa(struct.pack("<I", value))
+def _ip(ip: str) -> tuple[int, ...]:
+    """The map's form of an address: 16 bytes as four u32 words, an IPv4 address IPv4-mapped."""
+    packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else _V4_MAPPED + socket.inet_aton(ip)
+    return _WORDS.unpack(packed)
+
+
+def _ip_text(words: Any) -> str:
+    packed = _WORDS.pack(*words)
+    if packed.startswith(_V4_MAPPED):
+        return socket.inet_ntoa(packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 class SockLbKernel:
     """The socket load balancer's programs and pinned maps for one cgroup and one pin directory."""
+
+    source_file = SOURCE
+    map_names: tuple[str, ...] = MAPS  # bcc's table names, pinned as <pin_path>/<map_prefix><name>
+    map_prefix = ""
 
     def __init__(self, cgroup: str, pin_path: str) -> None:
         self.cgroup = cgroup
         self.pin_path = pin_path
         self._bpf: Any = None
         self._tables: dict[str, Any] = {}
+        self._unattached: dict[str, Any] = {}  # programs loaded, not attached yet: name → bcc function
         self._next_rev = 1
+        self.generation = 0  # loads so far: a family's backend rereads its image when this moved
+
+    @property
+    def loaded(self) -> bool:
+        """True once load() ran and nothing invalidated it since."""
+        return self._bpf is not None
+
+    def invalidate(self) -> None:
+        """Forget the loaded programs (after a failure or drift): the next load() compiles and attaches anew."""
+        self._bpf, self._tables, self._unattached = None, {}, {}
 
     def load(self) -> None:
-        """Compile and load the programs (creating or reusing the pinned maps), attach them, pin them."""
-        from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
-
+        """Compile and load the programs (creating or reusing the pinned maps), continue the revision counter
+        where the maps' frontends are and drop slots none of them uses. attach() comes after the first write:
+        the new programs never see emptier maps than the ones they replace.
+        """
         if not os.path.isdir(self.cgroup):
             raise RuntimeError(f"cgroup {self.cgroup!r} does not exist (ebpf mode needs cgroup2: --cgroup-root)")
         ensure_bpffs(self.pin_path)
-        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path)
-        self._bpf, self._tables = BPF(text=text.encode()), {}
+        self._bpf, self._tables = self._compile(), {}
+        self._unattached = {
+            name: self._bpf.load_func(name.encode(), CGROUP_SOCK_ADDR, attach_type=attach_type)
+            for name, attach_type in HOOKS.items()
+        }
+        self._collect_slots()
+        self.generation += 1
+
+    def _compile(self) -> Any:
+        """bcc's object for the source. bcc reuses a pinned map whatever its key and value sizes: the maps an
+        earlier layout pinned (e.g. IPv4-only keys) are unpinned first; its programs keep them until replaced.
+        """
+        from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
+
+        text = self.source_file.read_text().replace("PIN_DIR", self.pin_path).encode()
+        bpf = BPF(text=text)
+        stale = [self.map_prefix + name for name in self.map_names if not _fits(bpf.get_table(name.encode()))]
+        if not stale:
+            return bpf
+        log.warning("pinned eBPF maps of an earlier layout: replacing them", maps=stale, pin_path=self.pin_path)
+        bpf.cleanup()
+        self.unpin_maps()
+        return BPF(text=text)
+
+    def unpin_maps(self) -> None:
+        """Remove the maps' pins (programs still holding a map keep it until they are replaced)."""
+        for name in self.map_names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.pin_path, self.map_prefix + name))
+
+    def attach(self) -> None:
+        """Attach the loaded programs to the cgroup and pin them (once per load; a no-op after)."""
+        if not self._unattached:
+            return
+        from bcc import BPF
+
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name, attach_type in HOOKS.items():
-                fn = self._bpf.load_func(name.encode(), CGROUP_SOCK_ADDR, attach_type=attach_type)
-                BPF.attach_func(fn, cgroup_fd, attach_type)  # replaces an earlier run's program in place
+            for name, fn in self._unattached.items():
+                BPF.attach_func(fn, cgroup_fd, HOOKS[name])  # replaces an earlier run's program in place
                 self._pin(fn.fd, name)
         finally:
             os.close(cgroup_fd)
+        self._unattached = {}
         log.info("eBPF socket load balancer attached", cgroup=self.cgroup, pin_path=self.pin_path)
+
+    def _collect_slots(self) -> None:
+        frontends, slots = self._table("frontends"), self._table("slots")
+        used: set[tuple[int, int]] = set()
+        for v in frontends.values():
+            used.update((v.rev, i) for i in range(v.count))
+            self._next_rev = max(self._next_rev, v.rev + 1)
+        for k in [k for k in slots if (k.rev, k.slot) not in used]:
+            del slots[k]
 
     def _pin(self, fd: int, name: str) -> None:
         from bcc.libbcc import lib
@@ -125,22 +205,19 @@ class SockLbKernel:
         proto = _PROTOCOLS[key.protocol] if key.port else 0  # port 0: the cluster IP's address entry
         return table.Key(_ip(key.ip), socket.htons(key.port), proto, 0)
 
-    def read_image(self) -> Image:
-        """What the pinned maps hold (an earlier run's state after a restart); drops unreferenced slots."""
+    def read_image(self, family: int) -> Image:
+        """What the pinned maps hold for one IP family (an earlier run's state after a restart)."""
         frontends, slots = self._table("frontends"), self._table("slots")
         image: Image = {}
-        used: set[tuple[int, int]] = set()
         for k, v in frontends.items():
-            key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
+            key = _frontend_key(k)
+            if family_of(key.ip) != family:
+                continue
             backends = []
             for i in range(v.count):
                 be = slots.get(slots.Key(v.rev, i))
-                backends.append((_ip_text(be.addr), socket.ntohs(be.port)) if be is not None else ("0.0.0.0", 0))
-                used.add((v.rev, i))
+                backends.append((_ip_text(be.addr), socket.ntohs(be.port)) if be is not None else ("::", 0))
             image[key] = FrontendEntry(tuple(backends), v.flags, v.affinity)
-            self._next_rev = max(self._next_rev, v.rev + 1)
-        for k in [k for k in slots if (k.rev, k.slot) not in used]:
-            del slots[k]
         return image
 
     def write(self, upserts: Image, deletes: list[FrontendKey]) -> int:
@@ -187,8 +264,7 @@ class SockLbKernel:
     def counters(self) -> Iterator[tuple[FrontendKey, int]]:
         """Connections plus unconnected datagrams translated per frontend."""
         for k, v in self._table("counters").items():
-            key = FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
-            yield key, sum(cpu.connections + cpu.packets for cpu in v)  # per-CPU values
+            yield _frontend_key(k), sum(cpu.connections + cpu.packets for cpu in v)  # per-CPU values
 
     def attached(self) -> bool:
         """True while the maps are pinned and a connect4 program is attached to the cgroup."""
@@ -205,6 +281,27 @@ class SockLbKernel:
             return bool(res == 0 and count.value > 0)
         finally:
             os.close(fd)
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (the kernel fills what fits)."""
+
+    _fields_ = [(name, ctypes.c_uint32) for name in ("type", "id", "key_size", "value_size")]
+
+
+def _fits(table: Any) -> bool:
+    """True when the map behind a bcc table has the key and value sizes the source declares."""
+    from bcc.libbcc import lib
+
+    info, size = _MapInfo(), ctypes.c_uint32(ctypes.sizeof(_MapInfo))
+    if lib.bpf_obj_get_info(table.map_fd, ctypes.byref(info), ctypes.byref(size)) != 0:
+        raise OSError(ctypes.get_errno(), "BPF_OBJ_GET_INFO_BY_FD failed")
+    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: bcc's Leaf is one value per CPU
+    return bool(info.key_size == ctypes.sizeof(table.Key) and info.value_size == ctypes.sizeof(leaf))
+
+
+def _frontend_key(k: Any) -> FrontendKey:
+    return FrontendKey(_ip_text(k.addr), socket.ntohs(k.port), _BY_NUMBER[k.proto])
 
 
 def _update(table: Any, items: list[tuple[Any, Any]]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from kproxyd.backends.ebpf.image import FrontendKey, Image, _ipv4, endpoints_entry, tc_serves
+from kproxyd.backends.ebpf.image import FrontendKey, Image, endpoints_entry, tc_serves
 from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, ensure_bpffs
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
@@ -35,27 +35,26 @@ HANDLE = 1
 FILTER_NAME = "kproxyd_tc_nat"
 PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress / egress
 BPF_PROG_TYPE_SCHED_CLS = 3
-FRONTENDS = "tc_frontends"
-MAPS = (FRONTENDS, "tc_slots", "tc_counters", "tc_conns", "tc_replies", "tc_affinity", "tc_ifaddrs")
+MAP_PREFIX = "tc_"  # pinned next to the socket load balancer's maps, as tc_<name>
+MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs")
 
 
 def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
-    """plan's IPv4 external frontends: node IPs at the node port, external IPs and LB IPs at the port."""
+    """An IPv4 plan's external frontends: node IPs at the node port, external IPs and LB IPs at the port."""
     port = plan.port
-    keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port and _ipv4(ip)]
-    addresses = (*port.external_ips, *port.load_balancer_ips)
-    keys += [FrontendKey(ip, port.port, port.protocol) for ip in addresses if _ipv4(ip)]
+    keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port]
+    keys += [FrontendKey(ip, port.port, port.protocol) for ip in (*port.external_ips, *port.load_balancer_ips)]
     return keys
 
 
 def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Image:
-    """The tc frontends of one plan: its external endpoints; masqueraded unless externalTrafficPolicy Local."""
+    """The tc frontends of one IPv4 plan: its external endpoints; masqueraded unless externalTrafficPolicy
+    Local.
+    """
     if not tc_serves(plan):
         return {}
     flags = 0 if plan.port.external_policy_local else F_SNAT
     entry = endpoints_entry(plan, plan.external_endpoints, algorithm, flags)
-    if not entry.slots:  # IPv6-only endpoints: nothing for IPv4 tc to pick
-        return {}
     return dict.fromkeys(external_keys(plan, node_ips), entry)
 
 
@@ -70,14 +69,7 @@ def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str]) -> 
 
 def running(pin_path: str) -> bool:
     """True when the daemon's tc programs run (their maps are pinned; removed when they cannot run here)."""
-    return os.path.exists(os.path.join(pin_path, FRONTENDS))
-
-
-def unpin(pin_path: str) -> None:
-    """Remove the tc maps' pins (the daemon's tc part is off: `kproxyd status` then says nftables)."""
-    for name in MAPS:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(pin_path, name))
+    return os.path.exists(os.path.join(pin_path, MAP_PREFIX + "frontends"))
 
 
 def interfaces() -> dict[int, str]:
@@ -96,9 +88,14 @@ def interfaces() -> dict[int, str]:
 class TcKernel(SockLbKernel):
     """bpf/tc_nat.c: its pinned maps (tc_* in the pin directory) and its filters on this namespace's interfaces.
 
-    The frontend, slot and counter maps have the socket load balancer's layout: writing and reading them is
-    inherited. Only what is specific to tc (compiling, attaching, the interface map) is here.
+    The frontend, slot and counter maps have the socket load balancer's layout (16-byte addresses, IPv4
+    ones IPv4-mapped): compiling, writing and reading them is inherited. Only what is specific to tc
+    (loading its programs, attaching them to interfaces, the interface map) is here.
     """
+
+    source_file = SOURCE
+    map_names = MAPS
+    map_prefix = MAP_PREFIX
 
     def __init__(self, pin_path: str) -> None:
         super().__init__("", pin_path)
@@ -106,26 +103,18 @@ class TcKernel(SockLbKernel):
         self._attached: dict[int, str] = {}
 
     def load(self) -> None:
-        """Compile and load the programs (creating or reusing the pinned maps), attach them to every interface."""
+        """Compile and load the programs (creating or reusing the pinned maps, recreating those of an earlier
+        layout: their flows are lost), continue the revision counter, attach them to every interface.
+        """
         ensure_bpffs(self.pin_path)
-        try:
-            self._compile()
-        except Exception:  # maps pinned by a build with another layout: bcc reuses them, the verifier refuses
-            log.warning("tc programs do not load on the pinned maps: recreating them (their flows are lost)")
-            unpin(self.pin_path)
-            self._compile()
+        self._bpf, self._tables = self._compile(), {}
+        self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
+        self._collect_slots()
         self._attached = {}
-        self.attach()
+        self.attach_interfaces()
         log.info("tc external-frontend programs attached", interfaces=sorted(self._attached.values()))
 
-    def _compile(self) -> None:
-        from bcc import BPF
-
-        self._bpf = BPF(text=SOURCE.read_text().replace("PIN_DIR", self.pin_path).encode())
-        self._tables = {}
-        self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
-
-    def attach(self) -> None:
+    def attach_interfaces(self) -> None:
         """Attach to interfaces not yet attached (replacing an earlier run's filter in place), and write the
         interface address map.
         """
@@ -136,7 +125,7 @@ class TcKernel(SockLbKernel):
         ifaddrs = self._table("ifaddrs")
         with IPRoute() as ipr:
             for index, address in current.items():
-                ifaddrs[ifaddrs.Key(index)] = ifaddrs.Leaf(_ip(address))
+                ifaddrs[ifaddrs.Key(index)] = ifaddrs.Leaf(_ip(address)[3])  # the IPv4 word of ::ffff:a.b.c.d
                 if self._attached.get(index) == address:
                     continue
                 with contextlib.suppress(NetlinkError):  # EEXIST: the qdisc is there (ours or another's)
@@ -162,6 +151,11 @@ class TcKernel(SockLbKernel):
             return False
         current = interfaces()
         return set(current) <= set(self._attached) and all(ours(i, PARENTS["tc_ingress"]) for i in current)
+
+    def remove(self) -> None:
+        """Detach our filters everywhere and unpin the maps (tc is off: `kproxyd status` then says nftables)."""
+        detach_tc()
+        self.unpin_maps()
 
 
 def ours(index: int, parent: int) -> bool:

@@ -1,7 +1,8 @@
 """The nftables Backend: render plans (pure) and write them as one transaction per sync.
 
-A full sync goes through `nft -f`; a partial sync goes as one netlink batch (no cache of the table, so its
-cost does not grow with the table), or through `nft -f` when it holds something the encoder does not know.
+Every sync goes as one netlink batch (no cache of the table, so a partial sync's cost does not grow with the
+table, and a full sync skips nft's parser), or through `nft -f` when it holds something the encoder does not
+know or the kernel refused the batch (the same transaction, so the same rules).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.backends.nftables.kernel import NftKernel
 from kproxyd.backends.nftables.names import SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, port_chains
-from kproxyd.backends.nftables.netlink import Unsupported
+from kproxyd.backends.nftables.netlink import NetlinkError, Unsupported
 from kproxyd.backends.nftables.render import FAMILIES, IPV4, Family, NftRenderer, NftRenderOptions, PortRules
 from kproxyd.backends.nftables.transaction import TableElements, Transaction, full_sync, partial_sync
 from kproxyd.config import ProxyConfig, local_traffic_detector
@@ -123,25 +124,27 @@ class NftablesBackend:
         return stats
 
     def _write(self, tx: Transaction, full: bool, ports: int) -> WriteStats:
-        text = tx.text()
-        writer = "nft"
-        if text and not full and self._kernel.netlink:
+        if not tx.commands:
+            return WriteStats()
+        writer, size = "nft", 0
+        if self._kernel.netlink:
             try:
-                self._kernel.send(tx.batch())
+                batch = tx.batch()
+                size = batch.size
+                self._kernel.send(batch)
                 writer = "netlink"
             except Unsupported as why:  # nothing was sent: the same transaction goes as text
-                log.debug("partial sync through nft -f", reason=str(why))
-        if text and writer == "nft":
+                log.debug("sync through nft -f", full=full, reason=str(why))
+            except NetlinkError as why:  # nothing was applied: nft -f names the line it refuses, if it does
+                log.warning("netlink batch refused, retrying through nft -f", full=full, error=str(why))
+        if writer == "nft":
+            text = tx.text()
+            size = len(text)
             self._kernel.run(text)
         log.debug(
-            "nftables rules written",
-            full=full,
-            ports=ports,
-            commands=len(tx.lines),
-            bytes=len(text),
-            writer=writer,
+            "nftables rules written", full=full, ports=ports, commands=tx.commands, bytes=size, writer=writer
         )
-        return WriteStats(bytes=len(text), lines=len(tx.lines))
+        return WriteStats(bytes=size, lines=tx.commands)
 
     def connection_counters(self) -> list[FrontendCounter]:
         """New connections per frontend: the element counters of the service-ips and service-nodeports maps."""

@@ -7,18 +7,23 @@ netlink writer. Each statement encodes to what nft 1.0.6 itself sends for the sa
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, cast
 
 from kproxyd.backends.nftables.netlink import (
+    ANONYMOUS_SET,
     PROTOCOL_NUMBERS,
+    Batch,
     Unsupported,
     address,
     attr,
     data_value,
     expr,
     string,
+    tail,
     u32,
     verdict_data,
 )
@@ -33,13 +38,16 @@ FIB_SADDR, FIB_DADDR, FIB_ADDRTYPE, RTN_LOCAL = 1, 2, 3, 2
 NUMGEN_RANDOM = 1
 NAT_DNAT, NAT_PROTO_SPECIFIED, NAT_RANDOM_FULLY = 1, 0x2, 0x10
 DYNSET_UPDATE = 1
+LOOKUP_F_INV = 0x1
 IFNAMSIZ = 16
 
 _ADDR_OFFSETS = {("ip", "saddr"): 12, ("ip", "daddr"): 16, ("ip6", "saddr"): 8, ("ip6", "daddr"): 24}
 _ADDR_LEN = {"ip": 4, "ip6": 16}
+_ADDR_TYPE = {"ip": 7, "ip6": 8}  # nft's ipv4_addr, ipv6_addr
 _PORT_UNREACHABLE = {"ip": 3, "ip6": 4}  # ICMP / ICMPv6 code of nft's plain `reject`
 
 
+@functools.cache
 def payload(base: int, offset: int, length: int, dreg: int = REG_1) -> bytes:
     """Load packet bytes into a register."""
     return expr("payload", u32(1, dreg), u32(2, base), u32(3, offset), u32(4, length))
@@ -47,14 +55,21 @@ def payload(base: int, offset: int, length: int, dreg: int = REG_1) -> bytes:
 
 def cmp(op: int, value: bytes, sreg: int = REG_1) -> bytes:
     """Compare a register with a value."""
-    return expr("cmp", u32(1, sreg), u32(2, op), data_value(3, value))
+    return tail(_cmp(op, sreg), value)
 
 
+@functools.cache
+def _cmp(op: int, sreg: int) -> Callable[[bytes], bytes]:
+    return lambda value: expr("cmp", u32(1, sreg), u32(2, op), data_value(3, value))
+
+
+@functools.cache
 def meta(key: int, dreg: int = REG_1) -> bytes:
     """Load packet metadata into a register."""
     return expr("meta", u32(1, dreg), u32(2, key))
 
 
+@functools.cache
 def bitwise(mask: bytes, xor: bytes, reg: int = REG_1) -> bytes:
     """reg = (reg & mask) ^ xor."""
     return expr("bitwise", u32(1, reg), u32(2, reg), u32(3, len(mask)), data_value(4, mask), data_value(5, xor))
@@ -62,12 +77,26 @@ def bitwise(mask: bytes, xor: bytes, reg: int = REG_1) -> bytes:
 
 def immediate_verdict(verdict: str, chain: str = "") -> bytes:
     """Set the verdict register."""
-    return expr("immediate", u32(1, REG_VERDICT), verdict_data(2, verdict, chain))
+    if chain:
+        return tail(_immediate_verdict(verdict), chain.encode() + b"\0")
+    return expr("immediate", u32(1, REG_VERDICT), verdict_data(2, verdict))
+
+
+@functools.cache
+def _immediate_verdict(verdict: str) -> Callable[[bytes], bytes]:
+    code = u32(1, REG_VERDICT)
+    # verdict_data's own template ends with the chain name, so this expression does too
+    return lambda chain: expr("immediate", code, verdict_data(2, verdict, chain[:-1].decode()))
 
 
 def immediate(value: bytes, dreg: int) -> bytes:
     """Load a constant into a register."""
-    return expr("immediate", u32(1, dreg), data_value(2, value))
+    return tail(_immediate(dreg), value)
+
+
+@functools.cache
+def _immediate(dreg: int) -> Callable[[bytes], bytes]:
+    return lambda value: expr("immediate", u32(1, dreg), data_value(2, value))
 
 
 def lookup(name: str, sreg: int = REG_1, vmap: bool = False) -> bytes:
@@ -108,23 +137,31 @@ class Addr(NamedTuple):
 
     def encode(self) -> tuple[bytes, ...]:
         """nft's encoding: whole bytes of the prefix when it ends on a byte, else load, mask and compare."""
-        net = ipaddress.ip_network(self.value, strict=False)
         offset, size, op = (
             _ADDR_OFFSETS[self.family, self.field],
             _ADDR_LEN[self.family],
             CMP_NEQ if self.negate else CMP_EQ,
         )
-        if net.prefixlen == 0:
-            raise Unsupported(f"zero-length prefix {self.value}")
-        if net.prefixlen % 8 == 0:
-            size = net.prefixlen // 8
-            return payload(PAYLOAD_NETWORK, offset, size), cmp(op, net.network_address.packed[:size])
-        mask = net.netmask.packed
-        return (
-            payload(PAYLOAD_NETWORK, offset, size),
-            bitwise(mask, bytes(size)),
-            cmp(op, net.network_address.packed),
-        )
+        if "/" not in self.value:  # one address (most rules): no network arithmetic
+            return payload(PAYLOAD_NETWORK, offset, size), cmp(op, address(self.value))
+        return _prefix_match(offset, size, op, self.value)
+
+
+@functools.lru_cache(maxsize=1024)  # the node's CIDRs, and LB source ranges compared without a set
+def _prefix_match(offset: int, size: int, op: int, value: str) -> tuple[bytes, ...]:
+    """A prefix match as nft encodes it."""
+    net = ipaddress.ip_network(value, strict=False)
+    if net.prefixlen == 0:
+        raise Unsupported(f"zero-length prefix {value}")
+    if net.prefixlen % 8 == 0:
+        size = net.prefixlen // 8
+        return payload(PAYLOAD_NETWORK, offset, size), cmp(op, net.network_address.packed[:size])
+    mask = net.netmask.packed
+    return (
+        payload(PAYLOAD_NETWORK, offset, size),
+        bitwise(mask, bytes(size)),
+        cmp(op, net.network_address.packed),
+    )
 
 
 class AddrIn(NamedTuple):
@@ -146,7 +183,7 @@ class AddrIn(NamedTuple):
 
 
 class AddrNotInAnonymous(NamedTuple):
-    """`ip saddr != { a, b/24 }`: an anonymous set (written through `nft -f` only)."""
+    """`ip saddr != { a, b/24 }`: not in an anonymous interval set (created in the rule's batch)."""
 
     family: str
     field: str
@@ -158,8 +195,38 @@ class AddrNotInAnonymous(NamedTuple):
         return f"{self.family} {self.field} != {{ {', '.join(self.values)} }}"
 
     def encode(self) -> tuple[bytes, ...]:
-        """Anonymous interval sets are left to nft."""
+        """Without a batch to create the set in: left to nft."""
         raise Unsupported("anonymous set")
+
+    def encode_into(self, batch: Batch) -> tuple[bytes, ...]:
+        """Add the set (its intervals as nft sends them) to batch, then load the address and look it up; one
+        value is compared as nft does, without a set.
+        """
+        if len(self.values) == 1:
+            return Addr(self.family, self.field, self.values[0], negate=True).encode()
+        size = _ADDR_LEN[self.family]
+        set_id = batch.add_anonymous_set((_ADDR_TYPE[self.family], size), intervals(self.values, size))
+        lookup = expr("lookup", string(1, ANONYMOUS_SET), u32(2, REG_1), u32(4, set_id), u32(5, LOOKUP_F_INV))
+        return payload(PAYLOAD_NETWORK, _ADDR_OFFSETS[self.family, self.field], size), lookup
+
+
+def intervals(values: tuple[str, ...], size: int) -> list[tuple[bytes, bool]]:
+    """nft's interval elements for addresses and prefixes: merged ranges as (start) and (end + 1, ends),
+    in order, after a leading (0, ends) unless the first range starts at 0; no end past the last address.
+    """
+    ranges: list[list[int]] = []
+    for value in sorted((ipaddress.ip_network(v, strict=False) for v in values), key=lambda n: int(n[0])):
+        first, past = int(value[0]), int(value[-1]) + 1
+        if ranges and first <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], past)
+        else:
+            ranges.append([first, past])
+    out = [] if ranges and ranges[0][0] == 0 else [(bytes(size), True)]
+    for first, past in ranges:
+        out.append((first.to_bytes(size, "big"), False))
+        if past < 1 << (8 * size):
+            out.append((past.to_bytes(size, "big"), True))
+    return out
 
 
 class PortMatch(NamedTuple):
@@ -358,19 +425,20 @@ class Dnat(NamedTuple):
 
     def encode(self) -> tuple[bytes, ...]:
         """Address into reg 1, port into reg 2, DNAT with a specified port."""
-        family = 2 if self.family == "ip" else 10
         return (
             immediate(address(self.ip), REG_1),
             immediate(struct.pack(">H", self.port), REG_1 + 1),
-            expr(
-                "nat",
-                u32(1, NAT_DNAT),
-                u32(2, family),
-                u32(3, REG_1),
-                u32(5, REG_1 + 1),
-                u32(7, NAT_PROTO_SPECIFIED),
-            ),
+            _dnat(self.family),
         )
+
+
+@functools.cache
+def _dnat(family: str) -> bytes:
+    """DNAT to the address in reg 1 and the port in reg 2."""
+    nfproto = 2 if family == "ip" else 10
+    return expr(
+        "nat", u32(1, NAT_DNAT), u32(2, nfproto), u32(3, REG_1), u32(5, REG_1 + 1), u32(7, NAT_PROTO_SPECIFIED)
+    )
 
 
 class UpdateSet(NamedTuple):
@@ -447,9 +515,29 @@ class Rule:
         """The hash of the text."""
         return hash(self.text)
 
-    def expressions(self) -> list[bytes]:
-        """The rule's netlink expression list."""
-        return [encoded for stmt in self.stmts for encoded in stmt.encode()]
+    def expressions(self, batch: Batch) -> bytes:
+        """The rule's netlink expression list (without the list's header); its anonymous sets go to batch."""
+        parts = []
+        for stmt in self.stmts:  # the hot loop of a full sync: _BOUNDED's cache inlined
+            kind = type(stmt)
+            if kind in _BOUNDED:
+                encoded = _ENCODED.get((kind, stmt))
+                if encoded is None:
+                    encoded = _ENCODED[kind, stmt] = b"".join(stmt.encode())
+                parts.append(encoded)
+            elif kind is AddrNotInAnonymous:
+                parts.extend(cast(AddrNotInAnonymous, stmt).encode_into(batch))
+            else:
+                parts.extend(stmt.encode())
+        return b"".join(parts)
+
+
+# Statements whose values come from a small set (protocols, ports, moduli, the node's configuration): each
+# distinct one is encoded once. Keyed with the type: NamedTuples of equal fields compare equal across types.
+_BOUNDED = frozenset(
+    {PortMatch, L4Proto, CtStateNew, FibLocal, IifName, Numgen, MarkClear, MarkSet, Reject, Masquerade, Vmap}
+)
+_ENCODED: dict[tuple[type, Stmt], bytes] = {}
 
 
 def rule(*stmts: Stmt, comment: str | None = None) -> Rule:

@@ -10,23 +10,39 @@ the vocabulary netlink.py knows, one nf_tables netlink batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+import functools
+import struct
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kproxyd.backends.nftables.names import NODEPORT_IPS, TABLE
-from kproxyd.backends.nftables.netlink import Batch, Unsupported, element_key, element_verdict
-from kproxyd.backends.nftables.render import PortRules, SetSpec, StaticRules
+from kproxyd.backends.nftables.netlink import (
+    SET_EVAL,
+    SET_MAP,
+    SET_TIMEOUT_FLAG,
+    Batch,
+    Unsupported,
+    element_key,
+    element_verdict,
+    udata,
+)
+from kproxyd.backends.nftables.render import BaseChain, PortRules, SetSpec, StaticRules
 from kproxyd.backends.nftables.rules import Rule
 from kproxyd.model import ServicePortName
 
 Elements = dict[str, dict[str, str]]  # set or map -> key -> verdict ("" in a set)
 
 _ELEMENTS_PER_COMMAND = 1000
-_SET_KEYS = {"ipv4_addr": (7, 4), "ipv6_addr": (8, 16)}  # nft's datatype number and length
-_SET_TIMEOUT, _SET_EVAL = 0x10, 0x20  # "flags dynamic,timeout"
+# nft's datatypes (number, length): a concatenation's type is theirs shifted in 6 bits at a time, its
+# length theirs each rounded up to 4 bytes.
+_DATATYPES = {"ipv4_addr": (7, 4), "ipv6_addr": (8, 16), "inet_proto": (12, 1), "inet_service": (13, 2)}
+_TYPE_BITS = 6
+# Set userdata as nft 1.0.6 writes it (libnftnl's NFTNL_UDATA_SET_*): key and data byte order, the key's
+# expression for a concatenation, the data's interval flag, the comment.
+_UDATA_KEY_ORDER, _UDATA_DATA_ORDER, _UDATA_KEY_TYPEOF, _UDATA_DATA_INTERVAL, _UDATA_COMMENT = 0, 1, 3, 6, 7
+_BIG_ENDIAN, _EXPR_CONCAT = 2, 13
 
-# What a transaction holds, for its netlink batch: (verb, kind, name, spec) | SetSpec | (chain, rules) | elements
-_Op = tuple[str, str, str, bool] | SetSpec | tuple[str, tuple[Rule, ...]] | tuple[str, str, list[tuple[str, str]]]
+_Op = Callable[[Batch], None]  # writes one command of a transaction into its netlink batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,73 +61,114 @@ class Transaction:
         self.family = family
         self.table = table
         self._table = f"{family} {table}"
-        self.lines: list[str] = []
-        self._ops: list[_Op] = []
+        self.commands = 0  # how many `nft -f` lines it makes
+        self._ops: list[tuple[Callable[[], list[str]], _Op]] = []
 
-    def command(self, verb: str, kind: str, name: str, spec: str = "") -> None:
-        """E.g. `add chain ip kube-proxy NAME { SPEC }`."""
-        parts = (verb, kind, self._table, name, f"{{ {spec} }}" if spec else "")
-        self.lines.append(" ".join(part for part in parts if part))
-        self._ops.append((verb, kind, name, bool(spec)))
+    def _add(self, lines: Callable[[], list[str]], write: _Op, count: int = 1) -> None:
+        """One command: its `nft -f` lines (made only when text is wanted) and its netlink writer."""
+        self.commands += count
+        self._ops.append((lines, write))
+
+    def add_table(self, comment: str) -> None:
+        """`add table ip kube-proxy { comment "…" ; }`."""
+        line = f'add table {self._table} {{ comment "{comment}" ; }}'
+        self._add(lambda: [line], lambda batch: batch.add_table(comment))
+
+    def add_base_chain(self, chain: BaseChain) -> None:
+        """`add chain ip kube-proxy NAME { type T hook H priority P ; }`."""
+        spec = f"type {chain.type} hook {chain.hook} priority {chain.priority} ;"
+        line = f"add chain {self._table} {chain.name} {{ {spec} }}"
+        self._add(
+            lambda: [line], lambda batch: batch.add_base_chain(chain.name, chain.type, chain.hook, chain.priority)
+        )
+
+    def command(self, verb: str, kind: str, name: str) -> None:
+        """`add|flush|delete chain NAME`, `flush|delete set|map NAME`."""
+        line = f"{verb} {kind} {self._table} {name}"
+        self._add(lambda: [line], functools.partial(_netlink_command, verb=verb, kind=kind, name=name))
 
     def add_set(self, spec: SetSpec) -> None:
         """`add set` / `add map` with its declaration."""
-        self.lines.append(f"add {spec.kind} {self._table} {spec.name} {{ {spec.body} }}")
-        self._ops.append(spec)
+        line = f"add {spec.kind} {self._table} {spec.name} {{ {spec.body} }}"
+        self._add(lambda: [line], functools.partial(_netlink_set, spec=spec))
 
     def rules(self, chain: str, rules: tuple[Rule, ...]) -> None:
         """Append rules to a chain."""
-        self.lines.extend(f"add rule {self._table} {chain} {rule.text}" for rule in rules)
-        self._ops.append((chain, rules))
+        prefix = f"add rule {self._table} {chain} "
+        self._add(
+            lambda: [prefix + rule.text for rule in rules], lambda batch: batch.add_rules(chain, rules), len(rules)
+        )
 
     def elements(self, verb: str, target: str, items: list[tuple[str, str]]) -> None:
         """Add or delete (key, verdict or "") elements, a thousand per command."""
-        texts = [_element(key, value) for key, value in items]
-        for start in range(0, len(texts), _ELEMENTS_PER_COMMAND):
-            chunk = ", ".join(texts[start : start + _ELEMENTS_PER_COMMAND])
-            self.lines.append(f"{verb} element {self._table} {target} {{ {chunk} }}")
         if items:
-            self._ops.append((verb, target, items))
+            lines = functools.partial(_element_lines, f"{verb} element {self._table} {target}", items)
+            write = functools.partial(_netlink_elements, verb=verb, target=target, items=items)
+            self._add(lines, write, -(-len(items) // _ELEMENTS_PER_COMMAND))
+
+    @property
+    def lines(self) -> list[str]:
+        """The `nft -f` lines."""
+        return [line for lines, _ in self._ops for line in lines()]
 
     def text(self) -> str:
         """The nft input, "" when there is nothing to do."""
-        return "\n".join([*self.lines, ""]) if self.lines else ""
+        lines = self.lines
+        return "\n".join([*lines, ""]) if lines else ""
 
     def batch(self) -> Batch:
         """The same transaction as one netlink batch; raises Unsupported for what only `nft -f` writes."""
         batch = Batch(self.family, self.table)
-        for op in self._ops:
-            if isinstance(op, SetSpec):
-                _netlink_set(batch, op)
-            elif len(op) == 4:
-                _netlink_command(batch, *op)
-            elif len(op) == 3:
-                verb, target, items = op
-                batch.elements(verb, target, [(element_key(k), element_verdict(v)) for k, v in items])
-            else:
-                chain, rules = op
-                for rule in rules:
-                    batch.add_rule(chain, rule.expressions(), rule.comment)
+        for _, write in self._ops:
+            write(batch)
         return batch
 
 
-def _netlink_command(batch: Batch, verb: str, kind: str, name: str, spec: bool) -> None:
-    """The chain and set commands a partial sync sends; anything else is left to `nft -f`."""
-    if kind == "chain" and not spec and verb in ("add", "flush", "delete"):
+def _element_lines(command: str, items: list[tuple[str, str]]) -> list[str]:
+    """`add|delete element … { k : v, … }`, a thousand elements per line."""
+    texts = [_element(key, value) for key, value in items]
+    chunks = range(0, len(texts), _ELEMENTS_PER_COMMAND)
+    return [f"{command} {{ {', '.join(texts[start : start + _ELEMENTS_PER_COMMAND])} }}" for start in chunks]
+
+
+def _netlink_elements(batch: Batch, verb: str, target: str, items: list[tuple[str, str]]) -> None:
+    batch.elements(verb, target, [(element_key(key), element_verdict(value)) for key, value in items])
+
+
+def _netlink_command(batch: Batch, verb: str, kind: str, name: str) -> None:
+    """The chain, set and map commands of a sync."""
+    if kind == "chain" and verb in ("add", "flush", "delete"):
         {"add": batch.add_chain, "flush": batch.flush_chain, "delete": batch.delete_chain}[verb](name)
-    elif kind == "set" and verb == "delete":
-        batch.delete_set(name)
+    elif kind in ("set", "map") and verb in ("flush", "delete"):
+        (batch.flush_set if verb == "flush" else batch.delete_set)(name)
     else:
         raise Unsupported(f"{verb} {kind}")
 
 
 def _netlink_set(batch: Batch, spec: SetSpec) -> None:
-    """A plain or dynamic-timeout set of addresses (the affinity sets); maps and others are left to nft."""
-    if spec.kind != "set" or spec.counter or spec.comment or spec.key not in _SET_KEYS:
-        raise Unsupported(f"{spec.kind} {spec.name}")
-    key_type, key_len = _SET_KEYS[spec.key]
-    flags = 0 if spec.timeout is None else _SET_TIMEOUT | _SET_EVAL
-    batch.add_set(spec.name, key_type, key_len, flags, None if spec.timeout is None else spec.timeout * 1000)
+    """A set or verdict map of addresses, protocols and ports (a concatenation of them), as nft declares it."""
+    key, _, data = spec.key.partition(" : ")
+    parts = key.split(" . ")
+    if data not in ("", "verdict") or any(part not in _DATATYPES for part in parts):
+        raise Unsupported(f"{spec.kind} {spec.name}: {spec.key}")
+    key_type, key_len = _DATATYPES[parts[0]]
+    if len(parts) > 1:
+        key_type = functools.reduce(lambda acc, part: acc << _TYPE_BITS | _DATATYPES[part][0], parts, 0)
+        key_len = sum(-(-_DATATYPES[part][1] // 4) * 4 for part in parts)
+    flags = SET_MAP if data else 0
+    if spec.timeout is not None:
+        flags |= SET_TIMEOUT_FLAG | SET_EVAL
+    userdata = [udata(_UDATA_KEY_ORDER, struct.pack("=I", 0 if len(parts) > 1 else _BIG_ENDIAN))]
+    if data:
+        userdata.append(udata(_UDATA_DATA_ORDER, struct.pack("=I", 0)))
+    if len(parts) > 1:
+        userdata.append(udata(_UDATA_KEY_TYPEOF, udata(0, struct.pack("=I", _EXPR_CONCAT)) + udata(1, b"")))
+    if data:
+        userdata.append(udata(_UDATA_DATA_INTERVAL, struct.pack("=I", 0)))
+    if spec.comment:
+        userdata.append(udata(_UDATA_COMMENT, spec.comment.encode() + b"\0"))
+    timeout = None if spec.timeout is None else spec.timeout * 1000
+    batch.add_set(spec.name, (key_type, key_len), flags, timeout, b"".join(userdata), spec.counter)
 
 
 def merged_elements(ports: Iterable[PortRules]) -> Elements:
@@ -197,7 +254,7 @@ def full_sync(
     recreate_base: bool,
 ) -> TableElements:
     """Rewrite the whole table into tx; returns the port elements it holds afterwards."""
-    tx.command("add", "table", "", 'comment "rules for kube-proxy" ;')
+    tx.add_table("rules for kube-proxy")
     present = existing.chains
     if recreate_base:  # a base chain's hook or priority cannot change: recreate ours once per process
         for chain in static.base_chains:
@@ -205,7 +262,7 @@ def full_sync(
                 tx.command("delete", "chain", chain.name)
         present = present - {chain.name for chain in static.base_chains}
     for chain in static.base_chains:
-        tx.command("add", "chain", chain.name, f"type {chain.type} hook {chain.hook} priority {chain.priority} ;")
+        tx.add_base_chain(chain)
     for spec in static.sets:
         tx.add_set(spec)
         if spec.name in existing.sets:
