@@ -167,6 +167,7 @@ class Lab:
             self.cluster.controller.stop()  # slices are written here; its per-Service relists are O(N) each
             self.cluster.store._max_history = 10**7
             self.node = self.cluster.net.node("node1")
+            self.cgroup = self.cluster.net.node_cgroup("node1")
             self.targets = [self.cluster.add_pod(f"target-{i}", "node1", {"app": "t"}) for i in range(3)]
             self.probe_pod = self.cluster.add_pod("probe-a", "node1", {"app": "p"})
             self.client = self.cluster.add_pod("client", "node1", {"app": "c"})
@@ -186,7 +187,10 @@ class Lab:
     def start_server(self, pod: LabPod) -> None:
         """The C HTTP server on port 9000 inside the pod."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", pod.netns, self.loadgen, "server", str(SERVER_PORT), str(SERVER_THREADS)],
+            in_cgroup(
+                self.cgroup,
+                ["ip", "netns", "exec", pod.netns, self.loadgen, "server", str(SERVER_PORT), str(SERVER_THREADS)],
+            ),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -239,11 +243,14 @@ class Lab:
                     for ip, threads in zip(ips, share, strict=True)
                     if threads
                 ]
+                used = cgroup_cpu_us(self.cgroup)
                 out = []
                 for proc in procs:
                     stdout, _ = proc.communicate(timeout=seconds + 30)
                     out.append(json.loads(stdout))
-                runs[kind].append(merge_runs(out))
+                run = merge_runs(out)
+                run["cpu_us_per_conn"] = round((cgroup_cpu_us(self.cgroup) - used) / max(run["ok"], 1), 1)
+                runs[kind].append(run)
         return {kind: summarise(samples) for kind, samples in runs.items()}
 
     def probe(self, ip: str, want: str, timeout: float) -> subprocess.Popen[str]:
@@ -262,7 +269,7 @@ class Lab:
 
     def in_node(self, argv: list[str]) -> list[str]:
         """argv in the client pod, in node1's cgroup (as a pod's processes are: ebpf balances that cgroup)."""
-        return in_cgroup(self.cluster.net.node_cgroup("node1"), ["ip", "netns", "exec", self.client.netns, *argv])
+        return in_cgroup(self.cgroup, ["ip", "netns", "exec", self.client.netns, *argv])
 
     def close(self) -> None:
         """Stop the processes started here, then the lab."""
@@ -272,6 +279,17 @@ class Lab:
             with contextlib.suppress(Exception):
                 proc.wait(5)
         self.cluster.close()
+
+
+def cgroup_cpu_us(cgroup: str) -> int:
+    """CPU time used so far by the processes of a cgroup (cgroup v2 cpu.stat), in microseconds.
+
+    The client and the pod servers run in node1's cgroup, and packet processing on veth runs in the sending
+    task's context, so CPU per connection compares paths even when other work shares the machine: the
+    connection rate of a saturated 2-CPU node follows it, while the rate itself swings with that other work.
+    """
+    with open(os.path.join(cgroup, "cpu.stat")) as stat:
+        return next(int(line.split()[1]) for line in stat if line.startswith("usage_usec "))
 
 
 def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -287,7 +305,8 @@ def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the repeats."""
     out: dict[str, Any] = {"samples": runs}
-    for key in ("rate", "connect_p50_us", "connect_p99_us", "request_p50_us", "request_p99_us", "errors"):
+    keys = ("rate", "cpu_us_per_conn", "connect_p50_us", "connect_p99_us", "request_p50_us", "request_p99_us")
+    for key in (*keys, "errors"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -125,6 +125,18 @@ class ProxyMetrics:
             ["traffic_policy"],
             registry=reg,
         )
+        # Plan-derived gauges are counted at scrape time, so that a sync costs no pass over every Service.
+        self._plan_sources: list[Callable[[], Collection[ServicePlan]]] = []
+        self.services.set_function(lambda: sum(len(read()) for read in self._plan_sources))
+        self.no_local_endpoints.labels("internal").set_function(lambda: self._count(_no_local_internal))
+        self.no_local_endpoints.labels("external").set_function(lambda: self._count(_no_local_external))
+
+    def watch_plans(self, read: Callable[[], Collection[ServicePlan]]) -> None:
+        """Count the plans read() returns (one IP family's last applied plans) in the plan gauges."""
+        self._plan_sources.append(read)
+
+    def _count(self, wanted: Callable[[ServicePlan], bool]) -> int:
+        return sum(1 for read in self._plan_sources for plan in read() if wanted(plan))
 
     def count_connections(self, read: Callable[[], Iterable[FrontendCounter]], max_age: float = 10.0) -> None:
         """Export kproxyd_service_connections_total, read from the kernel at most every max_age seconds."""
@@ -150,23 +162,21 @@ class ProxyMetrics:
         for trigger in trigger_times:
             self.programming_duration.observe(max(now - trigger, 0.0))
 
-    def record_sync(
-        self, seconds: float, full: bool, plans: Iterable[ServicePlan], rules: Mapping[str, int]
-    ) -> None:
+    def record_sync(self, seconds: float, full: bool, rules: Mapping[str, int]) -> None:
         """A successful sync."""
         for table, count in rules.items():
             self.iptables_rules.labels(table).set(count)
         self.sync_duration.observe(seconds)
         (self.full_sync_duration if full else self.partial_sync_duration).observe(seconds)
         self.last_sync_timestamp.set(time.time())
-        plans = list(plans)
-        self.services.set(len(plans))
-        internal = sum(1 for p in plans if p.port.internal_policy_local and not p.internal_endpoints)
-        external = sum(
-            1 for p in plans if p.port.external_policy_local and p.has_any_endpoints and not p.external_endpoints
-        )
-        self.no_local_endpoints.labels("internal").set(internal)
-        self.no_local_endpoints.labels("external").set(external)
+
+
+def _no_local_internal(plan: ServicePlan) -> bool:
+    return plan.port.internal_policy_local and not plan.internal_endpoints
+
+
+def _no_local_external(plan: ServicePlan) -> bool:
+    return plan.port.external_policy_local and plan.has_any_endpoints and not plan.external_endpoints
 
 
 class _ConnectionCollector(Collector):

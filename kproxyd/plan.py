@@ -177,12 +177,12 @@ def plan_all(state: ProxyState) -> dict[ServicePortName, ServicePlan]:
 
 
 def changed_plans(
-    old: Mapping[ServicePortName, ServicePlan], new: Mapping[ServicePortName, ServicePlan]
+    old: Mapping[ServicePortName, ServicePlan],
+    new: Mapping[ServicePortName, ServicePlan],
+    among: Iterable[ServicePortName] | None = None,
 ) -> set[ServicePortName]:
-    """The ServicePorts whose plan differs between two syncs (added, removed or changed)."""
+    """The ServicePorts whose plan differs between two syncs (added, removed or changed), among the given
+    ones (default: all)."""
+    names = old.keys() | new.keys() if among is None else among
     # Unchanged plans are the same objects (sync.py keeps them): identity first, equality only otherwise.
-    return {
-        name
-        for name in old.keys() | new.keys()
-        if (was := old.get(name)) is not (now := new.get(name)) and was != now
-    }
+    return {name for name in names if (was := old.get(name)) is not (now := new.get(name)) and was != now}

@@ -57,6 +57,8 @@ class Proxier:
         self._metrics = metrics
         self._observers = tuple(observers)
         self._plans: dict[ServicePortName, ServicePlan] = {}
+        self._ports_of: dict[str, tuple[ServicePortName, ...]] = {}  # Service key -> its ports in _plans
+        metrics.watch_plans(lambda: self._plans.values())
 
     @property
     def plans(self) -> Mapping[ServicePortName, ServicePlan]:
@@ -68,8 +70,8 @@ class Proxier:
         if force_full:
             self._tracker.request_full()
         changes = self._tracker.take_changes()
-        plans = self._replan(changes)
-        changed = set(plans) if changes.full else changed_plans(self._plans, plans)
+        plans, ports_of, touched = self._replan(changes)
+        changed = set(plans) if changes.full else changed_plans(self._plans, plans, touched)
         self._metrics.record_changes(changes.service_events, changes.endpoint_events)
         if not changes.full and not changed:
             return SyncResult(False, 0, len(plans), applied=False)
@@ -81,9 +83,9 @@ class Proxier:
             self._metrics.record_failure(self._backend.name)
             raise
         seconds = time.monotonic() - start
-        self._metrics.record_sync(seconds, changes.full, plans.values(), stats.rules)
+        self._metrics.record_sync(seconds, changes.full, stats.rules)
         self._metrics.record_programming(changes.trigger_times.values())
-        old, self._plans = self._plans, plans
+        old, self._plans, self._ports_of = self._plans, plans, ports_of
         self._notify(old, plans, None if changes.full else changed)
         return SyncResult(changes.full, len(changed), len(plans), applied=True, seconds=seconds, stats=stats)
 
@@ -99,15 +101,25 @@ class Proxier:
             except Exception:  # follow-up work (conntrack, health ports) never fails a sync
                 log.exception("sync observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
 
-    def _replan(self, changes: Changes) -> dict[ServicePortName, ServicePlan]:
+    def _replan(
+        self, changes: Changes
+    ) -> tuple[dict[ServicePortName, ServicePlan], dict[str, tuple[ServicePortName, ...]], list[ServicePortName]]:
+        """The new plans, their per-Service index, and the ports that may have changed (old and new ones of the
+        changed Services): a partial sync's work follows the change, not the number of Services."""
         plans = {} if changes.full else dict(self._plans)
-        if not changes.full:
-            for name in [n for n in plans if n.service_key in changes.services]:
+        # The index is updated in place: after a failed apply the next sync is a full one, which rebuilds it.
+        ports_of = {} if changes.full else self._ports_of
+        touched: list[ServicePortName] = []
+        for key, view in changes.services.items():
+            for name in ports_of.pop(key, ()):
                 del plans[name]
-        for view in changes.services.values():
+                touched.append(name)
             for port in view.ports:
                 plans[port.name] = plan_service_port(port, view.endpoints.get(port.name, ()), changes.node)
-        return plans
+                touched.append(port.name)
+            if view.ports:
+                ports_of[key] = tuple(port.name for port in view.ports)
+        return plans, ports_of, touched
 
 
 class SyncRunner:

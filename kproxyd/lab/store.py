@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import datetime
 import ipaddress
+import itertools
 import re
 import threading
 import uuid
@@ -501,8 +502,9 @@ class ObjectStore:
         with self._lock:
             if rv < self._floor:
                 raise ApiError(410, "Expired", f"too old resource version: {rv} ({self._floor + 1})")
-            first = self._history[0].rv if self._history else self._rv + 1
-            return list(self._history)[max(0, rv + 1 - first) :]
+            # From the newest end: a watcher is usually a few events behind a history of up to millions.
+            newer = list(itertools.takewhile(lambda event: event.rv > rv, reversed(self._history)))
+            return newer[::-1]
 
     def wait_events(self, rv: int, timeout: float, stop: threading.Event) -> builtins.list[Event]:
         """events_after(rv) once there are some, or [] after timeout or when stop is set."""

@@ -82,6 +82,34 @@ def test_deleted_service_leaves_plans(setup: tuple[ProxyStateTracker, RecordingB
     assert {n.name for n in changed or ()} == {"b"}
 
 
+def test_renamed_port_changes_the_old_and_the_new_port(
+    setup: tuple[ProxyStateTracker, RecordingBackend, Proxier],
+) -> None:
+    tracker, backend, proxier = setup
+    proxier.sync()
+    (old,) = [n for n in proxier.plans if n.name == "a"]
+    tracker.upsert(SERVICE, service(name="a", cluster_ip="10.96.0.10", ports=[{"name": "web", "port": 8080}]))
+    proxier.sync()
+    plans, changed = backend.calls[-1]
+    (new,) = [n for n in plans if n.name == "a"]
+    assert changed == {old, new} and old not in plans
+
+
+def test_plan_gauges_count_every_family_at_scrape_time() -> None:
+    metrics = ProxyMetrics()
+    for family, ip in ((4, "10.96.0.10"), (6, "fd00:10:96::10")):
+        tracker = ProxyStateTracker("node1", family=family)
+        tracker.upsert(SERVICE, service(name="a", cluster_ip=ip, internalTrafficPolicy="Local"))
+        Proxier(tracker, RecordingBackend(), metrics).sync()
+    assert metrics.registry.get_sample_value("kproxyd_service_ports") == 2
+    assert (
+        metrics.registry.get_sample_value(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total", {"traffic_policy": "internal"}
+        )
+        == 2
+    )
+
+
 def test_failed_apply_keeps_last_plans_and_retries_full(
     setup: tuple[ProxyStateTracker, RecordingBackend, Proxier],
 ) -> None:
