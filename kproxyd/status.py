@@ -18,6 +18,8 @@ import kubernetes
 import structlog
 
 from kproxyd.backends.ebpf.image import dataplane
+from kproxyd.backends.ebpf.tc import running as tc_running
+from kproxyd.config import ProxyConfig
 from kproxyd.k8s.client import build_api_client
 from kproxyd.logs import configure_logging
 from kproxyd.model import Endpoint, ProxyState, ServicePort
@@ -78,10 +80,10 @@ def read_api(api: kubernetes.client.ApiClient, node_name: str) -> ApiSnapshot:
     )
 
 
-def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "") -> list[ServiceRow]:
+def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "", tc: bool = False) -> list[ServiceRow]:
     """Convert and plan the snapshot as kproxyd does (each IP family apart), then describe each programmed
     Service: its frontends in both families, its endpoints counted in its first family (a dual-stack pod
-    has an address in each).
+    has an address in each). tc: ebpf mode's tc programs run on this node.
     """
     plans: dict[str, list[ServicePlan]] = {}
     endpoints: dict[str, list[Endpoint]] = {}
@@ -96,7 +98,7 @@ def service_rows(snapshot: ApiSnapshot, node_name: str, mode: str = "") -> list[
     raw = {f"{s['metadata'].get('namespace')}/{s['metadata']['name']}": s for s in snapshot.services}
     rows = [_row(key, plans[key], endpoints[key], raw[key], snapshot.pods, node_name) for key in sorted(plans)]
     if mode == "ebpf":
-        rows = [replace(row, dataplane=dataplane(plans[row.service])) for row in rows]
+        rows = [replace(row, dataplane=dataplane(plans[row.service], tc)) for row in rows]
     return rows
 
 
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--proxy-mode", default="", help="ebpf: add a DATAPLANE column (what runs in eBPF, what in nftables)"
     )
+    parser.add_argument(
+        "--bpf-pin-path", default=ProxyConfig().bpf_pin_path, help="ebpf: the daemon's pin directory (tc running?)"
+    )
     return parser
 
 
@@ -220,6 +225,7 @@ def status_main(argv: Sequence[str]) -> int:
     configure_logging(-1)
     node_name = (args.hostname_override or socket.gethostname()).strip().lower()
     with build_api_client(args.kubeconfig, args.master) as api:
-        rows = service_rows(read_api(api, node_name), node_name, args.proxy_mode)
+        tc = args.proxy_mode == "ebpf" and tc_running(args.bpf_pin_path)
+        rows = service_rows(read_api(api, node_name), node_name, args.proxy_mode, tc)
     print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else format_table(rows))
     return 0

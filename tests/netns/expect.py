@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
+from kproxyd.lab.cluster import LabCluster, wait_until
+from kproxyd.lab.netlab import Reply
+
 
 def refused_error(mode: str, cluster_ip: bool) -> type[OSError]:
     """The error a refused connection raises.
@@ -19,3 +25,32 @@ def dropped_error(mode: str, cluster_ip: bool) -> type[OSError]:
     (a Local traffic policy with no endpoint on this node: no packet leaves, so there is nothing to drop).
     """
     return PermissionError if mode == "ebpf" and cluster_ip else TimeoutError
+
+
+TC_ATTACHED = "tc external-frontend programs attached"
+
+
+def wait_for_dataplane(lab: LabCluster, nodes: Iterable[str]) -> None:
+    """In ebpf mode, wait for the tc programs too: they are compiled after the first sync's maps and nftables
+    fallback (which serves external frontends until then), so the external rows run through tc.
+    """
+    if lab.mode == "ebpf":  # type: ignore[attr-defined]
+        for node in nodes:
+            wait_until(lambda n=node: TC_ATTACHED in lab.proxy_log(n), timeout=60, what=f"tc attached on {node}")
+
+
+def tc_connections(lab: LabCluster, node: str) -> dict[str, int]:
+    """ebpf mode: new connections per external frontend counted by node's tc program (its /metrics)."""
+    text = lab.http_get(node, "127.0.0.1", 10249, "/metrics")[1]
+    found = re.findall(r'^kproxyd_service_connections_total\{.*frontend="([^"]+) \(TC\)".*\} (\S+)$', text, re.M)
+    return {frontend: int(float(value)) for frontend, value in found}
+
+
+def assert_served_by_tc(lab: LabCluster, src: str, node: str, ip: str, port: int) -> None:
+    """Connections from src to ip:port are counted by node's tc program (not left to the nftables fallback)."""
+    frontend = f"{ip}:{port}/TCP"
+    before = tc_connections(lab, node).get(frontend, 0)
+    assert all(isinstance(r, Reply) for r in lab.answers(src, ip, port, count=5, timeout=1.0))
+    wait_until(
+        lambda: tc_connections(lab, node).get(frontend, 0) >= before + 5, timeout=20, what=f"tc counted {frontend}"
+    )

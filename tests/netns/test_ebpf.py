@@ -1,5 +1,6 @@
 """The ebpf mode's own promises: its programs compile and load here, a restart under load drops nothing
-(pinned maps, programs replaced in place), and Maglev keeps flows on their backend when another goes.
+(pinned maps, programs replaced in place), Maglev keeps flows on their backend when another goes, and the
+tc program serves node ports from the network (TCP and UDP) and goes away with --cleanup.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import pytest
 
 from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey
 from kproxyd.backends.ebpf.kernel import HOOKS, SockLbKernel, cgroup2_root, detach_and_unpin
+from kproxyd.lab import nsutil
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
 from kproxyd.model import Protocol
+from tests.netns.expect import TC_ATTACHED, assert_served_by_tc
 
 ATTACHED = "eBPF socket load balancer attached"
 UDP = [{"name": "dns", "containerPort": 8053, "protocol": "UDP"}, {"name": "http", "containerPort": 8080}]
+NODE_PORTS = {"http": 30080, "dns": 30053}
 
 
 def svc(name: str, app: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -91,7 +95,12 @@ def cluster() -> Iterator[LabCluster]:
         lab.add_pod("web-1", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("client", "node1", {"app": "client"})
         lab.create_service(svc("web", "web", ipFamilyPolicy="RequireDualStack"))
+        node_port = svc("web-np", "web", type="NodePort")
+        for port in node_port["spec"]["ports"]:
+            port["nodePort"] = NODE_PORTS[port["name"]]
+        lab.create_service(node_port)
         lab.start_proxy("node1", ["--proxy-mode=ebpf"])
+        wait_until(lambda: TC_ATTACHED in lab.proxy_log("node1"), timeout=60, what="tc attached")
         yield lab
 
 
@@ -99,16 +108,22 @@ def _cluster_ip(lab: LabCluster, name: str) -> str:
     return str(lab.service(name)["spec"]["clusterIP"])
 
 
-def _answered(lab: LabCluster, ip: str, pods: set[str]) -> bool:
-    replies = lab.answers("client", ip, 80, count=10, timeout=0.5)
+def _answered(lab: LabCluster, ip: str, pods: set[str], src: str = "client", port: int = 80) -> bool:
+    replies = lab.answers(src, ip, port, count=10, timeout=0.5)
     return all(isinstance(r, Reply) for r in replies) and {r.pod for r in replies if isinstance(r, Reply)} == pods
 
 
+@pytest.mark.parametrize("via", ["cluster-ip", "node-port"])
 @pytest.mark.parametrize("sig", [15, 9], ids=["SIGTERM", "SIGKILL"])
-def test_restart_under_a_connection_loop_loses_nothing(cluster: LabCluster, sig: int) -> None:
-    ip = _cluster_ip(cluster, "web")
-    wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}), timeout=30, what="web served")
-    frontends = os.path.join(cluster.net.pin_path("node1"), "frontends")
+def test_restart_under_a_connection_loop_loses_nothing(cluster: LabCluster, sig: int, via: str) -> None:
+    """Through the socket load balancer from a pod, or through tc from outside (node port)."""
+    src, ip, port, pin, attached_log = (
+        ("client", _cluster_ip(cluster, "web"), 80, "frontends", ATTACHED)
+        if via == "cluster-ip"
+        else ("ext", cluster.net.node("node1").ip, NODE_PORTS["http"], "tc_frontends", TC_ATTACHED)
+    )
+    wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}, src, port), timeout=30, what="web served")
+    frontends = os.path.join(cluster.net.pin_path("node1"), pin)
     inode = os.stat(frontends).st_ino
     results: list[Reply | Exception] = []
     stop = threading.Event()
@@ -116,7 +131,7 @@ def test_restart_under_a_connection_loop_loses_nothing(cluster: LabCluster, sig:
     def loop() -> None:
         # 3 s: a SYN the busy (Python) pod server's backlog dropped is retransmitted after 1 s, not lost.
         while not stop.is_set():
-            results.extend(cluster.answers("client", ip, 80, count=1, timeout=3.0))
+            results.extend(cluster.answers(src, ip, port, count=1, timeout=3.0))
             time.sleep(0.002)
 
     thread = threading.Thread(target=loop)
@@ -125,9 +140,11 @@ def test_restart_under_a_connection_loop_loses_nothing(cluster: LabCluster, sig:
         time.sleep(0.5)
         cluster.stop_proxy("node1", sig)
         time.sleep(0.5)
-        attached = cluster.proxy_log("node1").count(ATTACHED)
+        attached = cluster.proxy_log("node1").count(attached_log)
         cluster.start_proxy("node1", ["--proxy-mode=ebpf"])
-        wait_until(lambda: cluster.proxy_log("node1").count(ATTACHED) > attached, timeout=30, what="reattached")
+        wait_until(
+            lambda: cluster.proxy_log("node1").count(attached_log) > attached, timeout=60, what="reattached"
+        )
         time.sleep(1.0)  # keep connecting after the new programs replaced the old ones
     finally:
         stop.set()
@@ -190,3 +207,28 @@ def test_applications_see_the_service_address(cluster: LabCluster, kind: str) ->
         data, peer = udp.recvfrom(4096)
     assert peer[:2] == (ip, 53)
     assert data.split()[0].decode() in {"web-0", "web-1"}
+
+
+def test_node_ports_from_outside_run_in_tc_tcp_and_udp(cluster: LabCluster) -> None:
+    node_ip = cluster.net.node("node1").ip
+    assert_served_by_tc(cluster, "ext", "node1", node_ip, NODE_PORTS["http"])
+    replies = [cluster.request("ext", node_ip, NODE_PORTS["dns"], "UDP", timeout=1.0) for _ in range(10)]
+    assert {r.pod for r in replies} == {"web-0", "web-1"}
+    assert {r.source_ip for r in replies} == {cluster.net.node("node1").pod_gateway}  # masqueraded (Cluster)
+
+
+def test_cleanup_detaches_the_tc_programs(cluster: LabCluster) -> None:
+    """Last in the module: --cleanup removes our tc filters from every interface of the node."""
+    filters = cluster.net.exec("node1", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+    assert "kproxyd_tc_nat" in filters
+    cluster.stop_proxy("node1")
+    node = cluster.net.node("node1").netns
+    cleanup = nsutil.run(nsutil.nsenter_argv(node, [*cluster.proxy_argv("node1"), "--cleanup"]), check=False)
+    assert cleanup.returncode == 0, cleanup.stderr
+    for dev in ("eth0", "cbr0"):
+        for direction in ("ingress", "egress"):
+            shown = cluster.net.exec("node1", ["tc", "filter", "show", "dev", dev, direction], check=False).stdout
+            assert "kproxyd_tc_nat" not in shown, (dev, direction)
+    assert not os.path.exists(cluster.net.pin_path("node1"))
+    with pytest.raises(OSError):
+        cluster.request("ext", cluster.net.node("node1").ip, NODE_PORTS["http"], timeout=0.5)

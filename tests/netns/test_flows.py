@@ -14,7 +14,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
-from tests.netns.expect import refused_error
+from tests.netns.expect import assert_served_by_tc, refused_error, wait_for_dataplane
 
 BACKEND_PORTS = [
     {"name": "http", "containerPort": 8080, "protocol": "TCP"},
@@ -111,6 +111,7 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
             timeout=30,
             what=f"kproxyd's first sync seen from {src}",
         )
+    wait_for_dataplane(lab, ("node1", "node2"))
     yield lab
 
 
@@ -151,6 +152,13 @@ def test_flow(cluster: LabCluster, flow: Flow, request: pytest.FixtureRequest) -
         client_ips = _host_ips(cluster, flow.src)
         masqueraded = {r.source_ip not in client_ips for r in replies}
         assert masqueraded == {flow.masqueraded}, {r.source_ip for r in replies}
+
+
+def test_external_frontends_run_in_tc(cluster: LabCluster) -> None:
+    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("the tc programs are ebpf mode's")
+    for node in ("node1", "node2"):
+        assert_served_by_tc(cluster, "ext", node, cluster.net.node(node).ip, NODE_PORT)
 
 
 def test_endpoint_removed_is_never_chosen_again(cluster: LabCluster) -> None:

@@ -22,7 +22,7 @@ import pytest
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
 from kproxyd.lab.nsutil import socket_in_netns
-from tests.netns.expect import dropped_error, refused_error
+from tests.netns.expect import assert_served_by_tc, dropped_error, refused_error, wait_for_dataplane
 
 BACKENDS = frozenset({"backend-0", "backend-1", "backend-2"})
 ON_NODE1 = frozenset({"backend-0", "backend-2"})
@@ -165,6 +165,7 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
             timeout=30,
             what=f"first sync seen from {src}",
         )
+    wait_for_dataplane(lab, ("node1", "node2"))
     yield lab
 
 
@@ -232,6 +233,15 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
 def cluster_ip_flows() -> set[str]:
     """The Flow.dst values that name a Service's cluster IP."""
     return {flow.dst for flow in FLOWS if ":" not in flow.dst and not flow.dst[0].isdigit()}
+
+
+def test_external_frontends_run_in_tc(cluster: LabCluster) -> None:
+    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("the tc programs are ebpf mode's")
+    for ip in (LB_IP, EXTERNAL_IP, ONLY1_LB_IP):  # routed to node1 by the outside world
+        assert_served_by_tc(cluster, "ext", "node1", ip, 80)
+    for node in ("node1", "node2"):
+        assert_served_by_tc(cluster, "ext", node, cluster.net.node(node).ip, node_port(cluster, "etp-local"))
 
 
 def test_session_affinity_keeps_each_client_on_one_endpoint(cluster: LabCluster) -> None:

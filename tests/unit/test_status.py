@@ -3,6 +3,7 @@ diagnosis, the table; and one read of the lab API server with the official clien
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,11 @@ def test_ebpf_mode_shows_what_runs_where() -> None:
     rows = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf")}
     assert rows == {"default/web": "ebpf(cluster-ip v4)", "default/np": "ebpf(cluster-ip v4)+nftables(external)"}
     assert format_table(service_rows(snapshot, "node1", "ebpf")).splitlines()[0].endswith("DATAPLANE")
+    served = replace(snapshot, slices=[*snapshot.slices, endpoint_slice("np", ("10.0.1.1", "node1", True, False))])
+    rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=True)}
+    assert rows["default/np"] == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
+    rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=False)}
+    assert rows["default/np"] == "ebpf(cluster-ip v4)+nftables(external)"  # tc not running here
 
 
 def test_ipv6_services_show_in_both_families() -> None:
@@ -192,3 +198,5 @@ def test_ipv6_services_show_in_both_families() -> None:
     assert rows["default/dual"].ready == 1
     assert rows["default/dual"].dataplane == "ebpf(cluster-ip v4+v6)+nftables(external)"
     assert rows["default/six"].dataplane == "ebpf(cluster-ip v6)"
+    dual = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf", tc=True)}["default/dual"]
+    assert dual == "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)"  # tc is IPv4 only

@@ -1,6 +1,7 @@
 """The eBPF Backend: TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
-incrementally), everything else through an nftables fallback that renders only what eBPF does not carry.
-There is one backend per IP family, as in every mode; both write the one socket load balancer's maps.
+incrementally), IPv4 external frontends from the network in tc, everything else through an nftables fallback
+that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
+the one socket load balancer's maps, the IPv4 one also tc's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import structlog
 
 from kproxyd.backends import Backend, FrontendCounter, WriteStats
 from kproxyd.backends.ebpf import image as img
+from kproxyd.backends.ebpf import tc
 from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
 from kproxyd.backends.nftables.backend import NftablesBackend
 from kproxyd.config import ProxyConfig
@@ -45,17 +47,29 @@ def socket_lb(cgroup: str, pin_path: str) -> SockLbKernel:
 
 
 class EbpfBackend:
-    """Socket load balancing for one family's cluster IPs; the nftables fallback for external frontends (and
-    SCTP).
+    """Socket load balancing for one family's cluster IPs; tc for IPv4 external frontends from the network;
+    the nftables fallback for external frontends (and SCTP).
     """
 
     name = "ebpf"
 
-    def __init__(self, config: ProxyConfig, fallback: Fallback, kernel: SockLbKernel, family: int = 4) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        fallback: Fallback,
+        kernel: SockLbKernel,
+        family: int = 4,
+        tc_kernel: tc.TcKernel | None = None,
+    ) -> None:
+        """tc_kernel None: no tc program (IPv6, or tc off), the fallback carries external frontends from the
+        network too.
+        """
         self._config = config
         self._fallback = fallback
         self._kernel = kernel
         self._family = family
+        self._tc = tc_kernel
+        self._tc_ports: dict[ServicePortName, img.Image] | None = None  # what the tc maps hold; None: unknown
         self._ports: dict[ServicePortName, img.Image] = {}  # what the maps hold for this family
         self._generation = 0  # the kernel load _ports was read from; another one: unknown, reread
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
@@ -64,9 +78,12 @@ class EbpfBackend:
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
-        """The socket load balancer on the configured cgroup and pin path, this family's nftables fallback."""
+        """The socket load balancer on the configured cgroup and pin path, this family's nftables fallback;
+        IPv4 also the tc programs (their maps and keys are IPv4: an IPv6 plan's node port is on IPv6 node IPs).
+        """
         kernel = socket_lb(cgroup_of(config), config.bpf_pin_path)
-        return cls(config, NftablesBackend.for_config(config, family), kernel, family)
+        tc_kernel = tc.TcKernel(config.bpf_pin_path) if family == 4 else None
+        return cls(config, NftablesBackend.for_config(config, family), kernel, family, tc_kernel)
 
     def apply(
         self,
@@ -74,7 +91,7 @@ class EbpfBackend:
         changed: set[ServicePortName] | None,
         node: NodeInfo,
     ) -> WriteStats:
-        """Maps first (only what changed), then the nftables fallback for the plans it renders."""
+        """Maps first (only what changed), then the nftables fallback for the plans it renders, then tc."""
         writes = self._write_maps(plans, changed)
         stats = WriteStats()
         if changed is None:
@@ -82,6 +99,8 @@ class EbpfBackend:
             stats = self._apply_fallback(None, node)
         elif fallback_changed := self._update_fallback(plans, changed):
             stats = self._apply_fallback(fallback_changed, node)
+        # After the fallback: it carries external frontends too (a first compile here takes seconds).
+        writes += self._write_tc(plans, changed, node) if self._tc is not None else 0
         return WriteStats(bytes=stats.bytes, lines=stats.lines + writes, rules=stats.rules)
 
     def _apply_fallback(self, changed: set[ServicePortName] | None, node: NodeInfo) -> WriteStats:
@@ -146,6 +165,58 @@ class EbpfBackend:
         )
         return writes
 
+    def _write_tc(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
+    ) -> int:
+        """The tc maps: everything on a full sync (the interfaces and node IPs may have changed), else the
+        changed ports. The nftables fallback still holds these frontends (for the node's own connections):
+        if tc cannot be loaded here, it carries them from the network too, and tc stays off.
+        """
+        kernel = self._tc
+        assert kernel is not None
+        try:
+            if self._tc_ports is None:
+                kernel.load()
+                old, self._tc_ports = kernel.read_image(4), {}
+                changed = None
+            elif changed is None:
+                kernel.attach_interfaces()
+                old = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
+            if changed is None:
+                self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
+                new = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
+            else:
+                old, new = self._replace_tc_ports(plans, changed, node)
+            return kernel.write(*img.diff(old, new))
+        except Exception:
+            if self._tc_ports is None:
+                log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
+                kernel.remove()
+                self._tc = None
+                return 0
+            self._tc_ports = None  # unknown after a failure: reload and reread on the next sync
+            raise
+
+    def _replace_tc_ports(
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node: NodeInfo
+    ) -> tuple[img.Image, img.Image]:
+        """Replace the changed ports' tc images; what they held and what they hold now."""
+        assert self._tc_ports is not None
+        ips = self._node_port_ips(node)
+        old: img.Image = {}
+        new: img.Image = {}
+        for name in changed:
+            old.update(self._tc_ports.pop(name, {}))
+            image = tc.plan_image(plans[name], ips, self._config.ebpf_lb_algorithm) if name in plans else {}
+            if image:
+                self._tc_ports[name] = image
+                new.update(image)
+        return old, new
+
+    def _node_port_ips(self, node: NodeInfo) -> tuple[str, ...]:
+        assert self._tc is not None
+        return tc.node_port_ips(self._config, node, self._tc.local_addresses())
+
     def _replace_ports(
         self,
         plans: Mapping[ServicePortName, ServicePlan],
@@ -195,7 +266,16 @@ class EbpfBackend:
             for key, count in self._kernel.counters():
                 if key in owners:
                     counters.append(FrontendCounter(str(owners[key]), str(key), count))
+        tc_owners = self.tc_frontends()
+        if self._tc is not None and tc_owners:
+            for key, count in self._tc.counters():
+                if key in tc_owners:
+                    counters.append(FrontendCounter(str(tc_owners[key]), f"{key} (TC)", count))
         return counters
+
+    def tc_frontends(self) -> dict[img.FrontendKey, ServicePortName]:
+        """The ServicePort of each frontend in the tc maps."""
+        return {key: name for name, image in (self._tc_ports or {}).items() for key in image}
 
     def drifted(self) -> bool:
         """True when our programs were detached or unpinned behind our back (then reload), or the fallback's
@@ -207,10 +287,17 @@ class EbpfBackend:
             )
             self._kernel.invalidate()
             return True
+        if self._tc is not None and self._tc_ports is not None and not self._tc.attached():
+            log.warning(
+                "tc programs detached or unpinned behind our back: reloading", pin=self._config.bpf_pin_path
+            )
+            self._tc_ports = None
+            return True
         return self._fallback.drifted()
 
     def cleanup(self) -> None:
         """Detach and unpin the socket load balancer (only what is pinned in our pin path); the fallback's
         table is the nftables mode's and goes with its cleanup.
         """
+        tc.detach_tc()
         detach_and_unpin(cgroup_of(self._config), self._config.bpf_pin_path)

@@ -8,11 +8,11 @@ balancer already serves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from kproxyd.backends.ebpf.maglev import maglev_table
-from kproxyd.model import Protocol, ServicePortName
+from kproxyd.model import Endpoint, Protocol, ServicePortName
 from kproxyd.plan import ServicePlan
 
 F_NO_ENDPOINTS = 1  # must match bpf/sock_lb.c
@@ -60,14 +60,23 @@ def address_key(ip: str) -> FrontendKey:
 
 def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
     """The entry for plan's cluster IPs: its internal endpoints, or a failing entry when it has none."""
-    backends = tuple((ep.ip, ep.port) for ep in plan.internal_endpoints)  # the plan's family (tracker split)
+    return endpoints_entry(plan, plan.internal_endpoints, algorithm)
+
+
+def endpoints_entry(
+    plan: ServicePlan, endpoints: Sequence[Endpoint], algorithm: str, flags: int = 0
+) -> FrontendEntry:
+    """The entry picking from endpoints (the plan's family: the tracker splits them) with plan's affinity and
+    algorithm, plus flags.
+    """
+    backends = tuple((ep.ip, ep.port) for ep in endpoints)
     affinity = plan.port.session_affinity_timeout or 0
     if not backends:
-        return FrontendEntry((), F_NO_ENDPOINTS, affinity)
+        return FrontendEntry((), F_NO_ENDPOINTS | flags, affinity)
     if (plan.port.lb_algorithm or algorithm) == "maglev" and not affinity:
         names = [f"{ip}:{port}" for ip, port in backends]
-        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV)
-    return FrontendEntry(backends, 0, affinity)
+        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV | flags)
+    return FrontendEntry(backends, flags, affinity)
 
 
 def plan_image(plan: ServicePlan, algorithm: str) -> Image:
@@ -106,16 +115,36 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
     return out
 
 
-def dataplane(plans: Iterable[ServicePlan]) -> str:
-    """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status`:
-    e.g. "ebpf(cluster-ip v4+v6)+nftables(external)".
+def tc_serves(plan: ServicePlan) -> bool:
+    """True when tc (bpf/tc_nat.c) carries plan's external frontends from the network (IPv4 plans only); the
+    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, IPv6, and
+    the node's own connections (they never cross an interface's ingress).
+    """
+    return (
+        plan.port.protocol in SOCKET_PROTOCOLS
+        and plan.port.externally_accessible
+        and plan.external_verdict is None
+        and not plan.port.load_balancer_source_ranges
+    )
+
+
+def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
+    """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status` (tc: the
+    tc programs run): e.g. "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)".
     """
     plans = list(plans)
     balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
     families = sorted({family_of(ip) for plan in balanced for ip in plan.port.cluster_ips})
     parts = [f"ebpf(cluster-ip {'+'.join(f'v{family}' for family in families)})"] if families else []
-    if any(plan.port.externally_accessible for plan in balanced):
+    external = [plan for plan in balanced if plan.port.externally_accessible]
+    v4 = [plan for plan in external if any(family_of(ip) == 4 for ip in plan.port.cluster_ips)]
+    in_tc = [plan for plan in v4 if tc and tc_serves(plan)]
+    if in_tc:
+        parts.append("tc(external v4)")
+    if len(in_tc) < len(external):
         parts.append("nftables(external)")
+    elif in_tc:
+        parts.append("nftables(external from node)")  # the node's own connections never cross tc ingress
     if len(balanced) < len(plans):
         parts.append("nftables(sctp)")
     return "+".join(parts)

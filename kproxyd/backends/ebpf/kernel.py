@@ -100,6 +100,10 @@ def _ip_text(words: Any) -> str:
 class SockLbKernel:
     """The socket load balancer's programs and pinned maps for one cgroup and one pin directory."""
 
+    source_file = SOURCE
+    map_names: tuple[str, ...] = MAPS  # bcc's table names, pinned as <pin_path>/<map_prefix><name>
+    map_prefix = ""
+
     def __init__(self, cgroup: str, pin_path: str) -> None:
         self.cgroup = cgroup
         self.pin_path = pin_path
@@ -136,21 +140,25 @@ class SockLbKernel:
 
     def _compile(self) -> Any:
         """bcc's object for the source. bcc reuses a pinned map whatever its key and value sizes: the maps an
-        earlier layout pinned (IPv4-only keys) are unpinned first; its programs keep them until replaced.
+        earlier layout pinned (e.g. IPv4-only keys) are unpinned first; its programs keep them until replaced.
         """
         from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
 
-        text = SOURCE.read_text().replace("PIN_DIR", self.pin_path).encode()
+        text = self.source_file.read_text().replace("PIN_DIR", self.pin_path).encode()
         bpf = BPF(text=text)
-        stale = [name for name in MAPS if not _fits(bpf.get_table(name.encode()))]
+        stale = [self.map_prefix + name for name in self.map_names if not _fits(bpf.get_table(name.encode()))]
         if not stale:
             return bpf
         log.warning("pinned eBPF maps of an earlier layout: replacing them", maps=stale, pin_path=self.pin_path)
         bpf.cleanup()
-        for name in MAPS:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.pin_path, name))
+        self.unpin_maps()
         return BPF(text=text)
+
+    def unpin_maps(self) -> None:
+        """Remove the maps' pins (programs still holding a map keep it until they are replaced)."""
+        for name in self.map_names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.pin_path, self.map_prefix + name))
 
     def attach(self) -> None:
         """Attach the loaded programs to the cgroup and pin them (once per load; a no-op after)."""

@@ -1,0 +1,204 @@
+"""External frontends in tc (bpf/tc_nat.c): node ports, external IPs and load-balancer IPs reached from the
+network, translated at the node's interfaces with a BPF connection table.
+
+Pure part: which plans tc serves and the map image it needs (the same FrontendKey/FrontendEntry image as the
+socket load balancer, in maps of its own). Kernel part: compile with bcc, attach to the interfaces of this
+network namespace (clsact ingress and egress, one filter of our own priority, replaced in place on restart),
+keep the interface address map current, detach on cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kproxyd.backends.ebpf.image import FrontendKey, Image, endpoints_entry, tc_serves
+from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, ensure_bpffs
+from kproxyd.backends.iptables.backend import nodeport_ips
+from kproxyd.backends.iptables.kernel import local_addresses
+from kproxyd.config import ProxyConfig
+from kproxyd.model import NodeInfo, ServicePortName
+from kproxyd.plan import ServicePlan
+
+log = structlog.get_logger(__name__)
+
+F_SNAT = 4  # must match bpf/tc_nat.c
+SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "tc_nat.c"
+PRIORITY = 0x4B50  # our filters' priority on each interface ("KP"): found and replaced or deleted by it
+HANDLE = 1
+FILTER_NAME = "kproxyd_tc_nat"
+PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress / egress
+BPF_PROG_TYPE_SCHED_CLS = 3
+MAP_PREFIX = "tc_"  # pinned next to the socket load balancer's maps, as tc_<name>
+MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs")
+
+
+def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
+    """An IPv4 plan's external frontends: node IPs at the node port, external IPs and LB IPs at the port."""
+    port = plan.port
+    keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port]
+    keys += [FrontendKey(ip, port.port, port.protocol) for ip in (*port.external_ips, *port.load_balancer_ips)]
+    return keys
+
+
+def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Image:
+    """The tc frontends of one IPv4 plan: its external endpoints; masqueraded unless externalTrafficPolicy
+    Local.
+    """
+    if not tc_serves(plan):
+        return {}
+    flags = 0 if plan.port.external_policy_local else F_SNAT
+    entry = endpoints_entry(plan, plan.external_endpoints, algorithm, flags)
+    return dict.fromkeys(external_keys(plan, node_ips), entry)
+
+
+def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str]) -> tuple[str, ...]:
+    """The IPv4 addresses node ports answer on (--nodeport-addresses among the local ones, else every local
+    one), never loopback.
+    """
+    chosen = nodeport_ips(config.nodeport_addresses, node, local, 4)
+    ips = local if chosen is None else [cidr.split("/")[0] for cidr in chosen]
+    return tuple(ip for ip in ips if not ip.startswith("127."))
+
+
+def running(pin_path: str) -> bool:
+    """True when the daemon's tc programs run (their maps are pinned; removed when they cannot run here)."""
+    return os.path.exists(os.path.join(pin_path, MAP_PREFIX + "frontends"))
+
+
+def interfaces() -> dict[int, str]:
+    """ifindex → IPv4 address (the first) of every interface but loopback in this network namespace."""
+    from pyroute2 import IPRoute
+
+    out: dict[int, str] = {}
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            address = str(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
+            if not address.startswith("127."):
+                out.setdefault(int(msg["index"]), address)
+    return out
+
+
+class TcKernel(SockLbKernel):
+    """bpf/tc_nat.c: its pinned maps (tc_* in the pin directory) and its filters on this namespace's interfaces.
+
+    The frontend, slot and counter maps have the socket load balancer's layout (16-byte addresses, IPv4
+    ones IPv4-mapped): compiling, writing and reading them is inherited. Only what is specific to tc
+    (loading its programs, attaching them to interfaces, the interface map) is here.
+    """
+
+    source_file = SOURCE
+    map_names = MAPS
+    map_prefix = MAP_PREFIX
+
+    def __init__(self, pin_path: str) -> None:
+        super().__init__("", pin_path)
+        self._fds: dict[str, int] = {}
+        self._attached: dict[int, str] = {}
+
+    def load(self) -> None:
+        """Compile and load the programs (creating or reusing the pinned maps, recreating those of an earlier
+        layout: their flows are lost), continue the revision counter, attach them to every interface.
+        """
+        ensure_bpffs(self.pin_path)
+        self._bpf, self._tables = self._compile(), {}
+        self._fds = {name: self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS).fd for name in PARENTS}
+        self._collect_slots()
+        self._attached = {}
+        self.attach_interfaces()
+        log.info("tc external-frontend programs attached", interfaces=sorted(self._attached.values()))
+
+    def attach_interfaces(self) -> None:
+        """Attach to interfaces not yet attached (replacing an earlier run's filter in place), and write the
+        interface address map.
+        """
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        current = interfaces()
+        ifaddrs = self._table("ifaddrs")
+        with IPRoute() as ipr:
+            for index, address in current.items():
+                ifaddrs[ifaddrs.Key(index)] = ifaddrs.Leaf(_ip(address)[3])  # the IPv4 word of ::ffff:a.b.c.d
+                if self._attached.get(index) == address:
+                    continue
+                with contextlib.suppress(NetlinkError):  # EEXIST: the qdisc is there (ours or another's)
+                    ipr.tc("add", "clsact", index)
+                for name, parent in PARENTS.items():
+                    ipr.tc(
+                        "replace-filter", "bpf", index, HANDLE, fd=self._fds[name], name=FILTER_NAME,
+                        parent=parent, prio=PRIORITY, classid=1, direct_action=True,
+                    )  # fmt: skip
+                self._attached[index] = address
+        for index in [i for i in ifaddrs if i.value not in current]:
+            del ifaddrs[index]
+        for index in [i for i in self._attached if i not in current]:
+            del self._attached[index]
+
+    def local_addresses(self) -> list[str]:
+        """This namespace's IPv4 addresses."""
+        return local_addresses(4)
+
+    def attached(self) -> bool:
+        """True while the maps are pinned and every interface with an address has our ingress filter."""
+        if not running(self.pin_path):
+            return False
+        current = interfaces()
+        return set(current) <= set(self._attached) and all(ours(i, PARENTS["tc_ingress"]) for i in current)
+
+    def remove(self) -> None:
+        """Detach our filters everywhere and unpin the maps (tc is off: `kproxyd status` then says nftables)."""
+        detach_tc()
+        self.unpin_maps()
+
+
+def ours(index: int, parent: int) -> bool:
+    """True when the interface has a BPF filter of our priority at parent."""
+    return any(_filters(index, parent))
+
+
+def _filters(index: int, parent: int) -> list[Any]:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            found = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError:  # no clsact qdisc
+            return []
+    return [f for f in found if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == PRIORITY]
+
+
+def detach_tc() -> list[str]:
+    """Delete our filters (our priority) from every interface of this namespace; other filters stay."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    detached = []
+    with IPRoute() as ipr:
+        links = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for index, name in links.items():
+            for parent in PARENTS.values():
+                if not _filters(index, parent):
+                    continue
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del-filter", "bpf", index, HANDLE, parent=parent, prio=PRIORITY)
+                    detached.append(name)
+    if detached:
+        log.info("tc external-frontend programs detached", interfaces=sorted(set(detached)))
+    return detached
+
+
+def image(
+    plans: Mapping[ServicePortName, ServicePlan], node_ips: Iterable[str], algorithm: str
+) -> dict[ServicePortName, Image]:
+    """Every plan's tc image (empty ones left out)."""
+    ips = tuple(node_ips)
+    out = {name: plan_image(plan, ips, algorithm) for name, plan in plans.items()}
+    return {name: entries for name, entries in out.items() if entries}

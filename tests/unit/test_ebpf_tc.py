@@ -1,0 +1,142 @@
+"""The tc part of the ebpf mode, pure: which plans tc serves, their frontends and entries, incremental writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kproxyd.backends import FrontendCounter
+from kproxyd.backends.ebpf import image as img
+from kproxyd.backends.ebpf import tc
+from kproxyd.backends.ebpf.backend import EbpfBackend
+from kproxyd.config import ProxyConfig
+from kproxyd.model import NodeInfo, Protocol, ServiceType
+from tests.model_factories import NODE, eps, plans, spn, svc
+from tests.unit.test_ebpf import FakeFallback, FakeKernel
+
+NODE_IPS = ("172.28.0.11", "10.244.1.1")
+TCP = Protocol.TCP
+
+
+def test_cluster_policy_node_port_masquerades_to_every_endpoint() -> None:
+    port = svc(spn(), "10.96.0.10", node_port=30080)
+    plan = plans((port, eps("10.0.1.2", "10.0.2.3", port=8080, node="node2")))[port.name]
+    image = tc.plan_image(plan, NODE_IPS, "random")
+    entry = img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)), tc.F_SNAT)
+    assert image == {img.FrontendKey(ip, 30080, TCP): entry for ip in NODE_IPS}
+
+
+def test_local_policy_keeps_the_client_and_picks_local_endpoints() -> None:
+    port = svc(spn(), "10.96.0.10", node_port=30080, external_policy_local=True)
+    endpoints = [*eps("10.0.1.2", node="node1"), *eps("10.0.2.3", node="node2")]
+    plan = plans((port, endpoints))[port.name]
+    assert tc.plan_image(plan, NODE_IPS[:1], "random") == {
+        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),))
+    }
+
+
+def test_external_and_load_balancer_ips_at_the_service_port() -> None:
+    port = svc(
+        spn(),
+        "10.96.0.10",
+        type=ServiceType.LOAD_BALANCER,
+        external_ips=("172.29.0.5",),
+        load_balancer_ips=("172.29.0.6",),
+    )
+    plan = plans((port, eps("10.0.1.2")))[port.name]
+    assert set(tc.plan_image(plan, NODE_IPS, "random")) == {
+        img.FrontendKey("172.29.0.5", 80, TCP),
+        img.FrontendKey("172.29.0.6", 80, TCP),
+    }
+
+
+def test_what_stays_with_the_nftables_fallback() -> None:
+    node_port = svc(spn(), "10.96.0.10", node_port=30080)
+    no_endpoints = plans((node_port, []))[node_port.name]
+    local_elsewhere = plans(
+        (svc(spn(), "10.96.0.10", node_port=30080, external_policy_local=True), eps("10.0.2.3", node="node2"))
+    )
+    ranges = svc(
+        spn(), "10.96.0.10", type=ServiceType.LOAD_BALANCER, load_balancer_ips=("172.29.0.6",),
+        load_balancer_source_ranges=("172.28.0.200/32",),
+    )  # fmt: skip
+    sctp = svc(spn(proto=Protocol.SCTP), "10.96.0.10", node_port=30080)
+    cluster_ip = svc(spn(), "10.96.0.10")
+    for plan in [
+        no_endpoints,
+        *local_elsewhere.values(),
+        *plans((ranges, eps("10.0.1.2"))).values(),
+        *plans((sctp, eps("10.0.1.2"))).values(),
+        *plans((cluster_ip, eps("10.0.1.2"))).values(),
+    ]:
+        assert tc.plan_image(plan, NODE_IPS, "random") == {}, plan.port
+    assert img.dataplane([no_endpoints], tc=True) == "ebpf(cluster-ip v4)+nftables(external)"
+    served = plans((node_port, eps("10.0.1.2")))[node_port.name]
+    assert img.dataplane([served], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
+    assert (
+        img.dataplane([served, no_endpoints], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external)"
+    )
+
+
+def test_node_port_addresses() -> None:
+    local = ["127.0.0.1", "172.28.0.11", "10.244.1.1"]
+    assert tc.node_port_ips(ProxyConfig(), NODE, local) == ("172.28.0.11", "10.244.1.1")
+    only_lan = ProxyConfig(nodeport_addresses=("172.28.0.0/24",))
+    assert tc.node_port_ips(only_lan, NODE, local) == ("172.28.0.11",)
+    primary = ProxyConfig(nodeport_addresses=("primary",))
+    assert tc.node_port_ips(primary, NodeInfo("node1", addresses=("10.244.1.1",)), local) == ("10.244.1.1",)
+
+
+@dataclass
+class FakeTcKernel(FakeKernel):
+    """The tc maps as a dict, on fixed local addresses."""
+
+    local: list[str] = field(default_factory=lambda: ["172.28.0.11"])
+    attaches: int = 0
+    removed: bool = False
+
+    def attach_interfaces(self) -> None:
+        self.attaches += 1
+
+    def remove(self) -> None:
+        self.removed = True
+
+    def local_addresses(self) -> list[str]:
+        return self.local
+
+
+def test_backend_writes_tc_maps_full_and_partial_and_counts() -> None:
+    sockets, kernel = FakeKernel(), FakeTcKernel()
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, tc_kernel=kernel)  # type: ignore[arg-type]
+    web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
+    other = svc(spn(name="other"), "10.96.0.11", node_port=30081)
+    state = plans((web, eps("10.0.1.2")), (other, eps("10.0.1.3")))
+    backend.apply(state, None, NODE)
+    assert kernel.loads == 1
+    assert set(kernel.maps) == {img.FrontendKey("172.28.0.11", p, TCP) for p in (30080, 30081)}
+    state = plans((web, eps("10.0.1.2")), (other, []))
+    backend.apply(state, {other.name}, NODE)
+    assert kernel.writes[-1] == ({}, [img.FrontendKey("172.28.0.11", 30081, TCP)])  # no endpoints: nftables'
+    kernel.local = ["172.28.0.11", "172.28.0.99"]  # a new address: the next full sync attaches and adds it
+    backend.apply(state, None, NODE)
+    assert kernel.attaches == 1 and kernel.loads == 1
+    assert set(kernel.writes[-1][0]) == {img.FrontendKey("172.28.0.99", 30080, TCP)}
+    assert FrontendCounter("ns1/web:p80", "10.96.0.10:80/TCP (TC)", 7) not in backend.connection_counters()
+
+
+def test_a_tc_program_that_cannot_load_leaves_external_traffic_to_nftables() -> None:
+    class Broken(FakeTcKernel):
+        def load(self) -> None:
+            raise OSError("no clsact here")
+
+    broken = Broken()
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), tc_kernel=broken)  # type: ignore[arg-type]
+    web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
+    backend.apply(plans((web, eps("10.0.1.2"))), None, NODE)  # no exception: the fallback has it all
+    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removed
+
+
+def test_only_the_ipv4_backend_runs_tc() -> None:
+    """An IPv6 plan's node port would be keyed on the IPv4 node IPs with IPv6 backends: tc is the v4 backend's."""
+    config = ProxyConfig(mode="ebpf", cgroup_root="/sys/fs/cgroup/kproxyd-unit", bpf_pin_path="/sys/fs/bpf/unit")
+    assert isinstance(EbpfBackend.for_config(config, 4)._tc, tc.TcKernel)
+    assert EbpfBackend.for_config(config, 6)._tc is None
