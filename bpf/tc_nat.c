@@ -107,6 +107,14 @@ BPF_TABLE_PINNED("lru_hash", struct flow, struct nat, replies, 262144, "PIN_DIR/
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/tc_affinity", 0);
 // ifindex -> the interface's IPv4 address (network order): the masquerade source towards that interface.
 BPF_TABLE_PINNED("hash", u32, u32, ifaddrs, 4096, "PIN_DIR/tc_ifaddrs", BPF_F_NO_PREALLOC);
+// Pod sources (kube-proxy's local-traffic detector): their new flows to an externalTrafficPolicy Local
+// frontend are left to the nftables fallback, which sends pod traffic to every endpoint as kube-proxy does.
+struct source_prefix {
+    u32 prefixlen;
+    u32 addr;  // network order
+};
+BPF_TABLE_PINNED("lpm_trie", struct source_prefix, u8, pod_sources, 256, "PIN_DIR/tc_pod_sources",
+                 BPF_F_NO_PREALLOC);
 
 // bcc 0.26 declares this helper with three arguments; the kernel's has four (params, plen, flags).
 static long (*redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) = (void *)BPF_FUNC_redirect_neigh;
@@ -305,6 +313,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
                               .proto = p->flow.proto};
     struct frontend *fe = frontends.lookup(&fk);
     if (!fe || (fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
+        return 0;
+    struct source_prefix source = {.prefixlen = 32, .addr = p->flow.saddr};
+    if (!(fe->flags & F_SNAT) && pod_sources.lookup(&source))
         return 0;
     struct backend *be = pick(p, &fk, fe);
     if (!be)

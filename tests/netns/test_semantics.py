@@ -93,6 +93,7 @@ FLOWS = [
     Flow("client2", "node2:only1-lb", port=None, expect=ONLY1, ipvs="refused"),
     Flow("node2", "node2:only1-lb", port=None, expect=ONLY1, ipvs="refused"),
     Flow("client1", "only1-lb", expect=ONLY1, masqueraded=False),
+    Flow("client1", "node1:etp-local", port=None, ipvs=ON_NODE1),  # a pod, where local endpoints exist too
     # internalTrafficPolicy Local: cluster traffic to this node's endpoints only, DROP where none.
     Flow("client1", "itp-local", expect=ON_NODE1, masqueraded=False),
     Flow("client2", "itp-local", expect=frozenset({"backend-1"}), masqueraded=False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kproxyd.backends import FrontendCounter
@@ -9,7 +10,7 @@ from kproxyd.backends.ebpf import image as img
 from kproxyd.backends.ebpf import tc
 from kproxyd.backends.ebpf.backend import EbpfBackend
 from kproxyd.config import ProxyConfig
-from kproxyd.model import NodeInfo, Protocol, ServiceType
+from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo, Protocol, ServiceType
 from tests.model_factories import NODE, eps, plans, spn, svc
 from tests.unit.test_ebpf import FakeFallback, FakeKernel
 
@@ -93,6 +94,7 @@ class FakeTcKernel(FakeKernel):
     local: list[str] = field(default_factory=lambda: ["172.28.0.11"])
     attaches: int = 0
     removed: bool = False
+    pod_sources: tuple[str, ...] = ()
 
     def attach_interfaces(self) -> None:
         self.attaches += 1
@@ -102,6 +104,9 @@ class FakeTcKernel(FakeKernel):
 
     def local_addresses(self) -> list[str]:
         return self.local
+
+    def set_pod_sources(self, cidrs: Sequence[str]) -> None:
+        self.pod_sources = tuple(cidrs)
 
 
 def test_backend_writes_tc_maps_full_and_partial_and_counts() -> None:
@@ -140,3 +145,16 @@ def test_only_the_ipv4_backend_runs_tc() -> None:
     config = ProxyConfig(mode="ebpf", cgroup_root="/sys/fs/cgroup/kproxyd-unit", bpf_pin_path="/sys/fs/bpf/unit")
     assert isinstance(EbpfBackend.for_config(config, 4)._tc, tc.TcKernel)
     assert EbpfBackend.for_config(config, 6)._tc is None
+
+
+def test_pod_sources_left_to_nftables_follow_the_local_traffic_detector() -> None:
+    cidr = LocalTrafficDetector(DetectLocalMode.CLUSTER_CIDR, cidrs=("10.244.0.0/16",))
+    assert tc.pod_source_cidrs(cidr) == ("10.244.0.0/16",)
+    bridge = LocalTrafficDetector(DetectLocalMode.BRIDGE_INTERFACE, interface="cbr0")
+    assert tc.pod_source_cidrs(bridge) == ("0.0.0.0/0",)  # only nftables can match the input interface
+    assert tc.pod_source_cidrs(None) == ()
+    kernel = FakeTcKernel()
+    config = ProxyConfig(mode="ebpf", cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/48"))
+    backend = EbpfBackend(config, FakeFallback(), FakeKernel(), tc_kernel=kernel)  # type: ignore[arg-type]
+    backend.apply({}, None, NODE)
+    assert kernel.pod_sources == ("10.244.0.0/16",)

@@ -19,7 +19,7 @@ from kproxyd.backends.ebpf import image as img
 from kproxyd.backends.ebpf import tc
 from kproxyd.backends.ebpf.kernel import SockLbKernel, cgroup2_root, detach_and_unpin
 from kproxyd.backends.nftables.backend import NftablesBackend
-from kproxyd.config import ProxyConfig
+from kproxyd.config import ProxyConfig, local_traffic_detector
 from kproxyd.model import NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
 
@@ -183,6 +183,7 @@ class EbpfBackend:
                 kernel.attach_interfaces()
                 old = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             if changed is None:
+                kernel.set_pod_sources(tc.pod_source_cidrs(local_traffic_detector(self._config, node, 4)))
                 self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
                 new = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             else:

@@ -10,6 +10,7 @@ keep the interface address map current, detach on cleanup.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, ensure_bpffs
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.config import ProxyConfig
-from kproxyd.model import NodeInfo, ServicePortName
+from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
 
 log = structlog.get_logger(__name__)
@@ -36,7 +37,7 @@ FILTER_NAME = "kproxyd_tc_nat"
 PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress / egress
 BPF_PROG_TYPE_SCHED_CLS = 3
 MAP_PREFIX = "tc_"  # pinned next to the socket load balancer's maps, as tc_<name>
-MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs")
+MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs", "pod_sources")
 
 
 def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
@@ -56,6 +57,17 @@ def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Im
     flags = 0 if plan.port.external_policy_local else F_SNAT
     entry = endpoints_entry(plan, plan.external_endpoints, algorithm, flags)
     return dict.fromkeys(external_keys(plan, node_ips), entry)
+
+
+def pod_source_cidrs(detector: LocalTrafficDetector | None) -> tuple[str, ...]:
+    """The IPv4 sources tc leaves to nftables on Local-policy frontends: the detector's CIDRs; everything when
+    it detects by interface (nftables applies that); nothing without a detector (no pod source is known).
+    """
+    if detector is None:
+        return ()
+    if detector.mode in (DetectLocalMode.CLUSTER_CIDR, DetectLocalMode.NODE_CIDR):
+        return detector.cidrs
+    return ("0.0.0.0/0",)
 
 
 def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str]) -> tuple[str, ...]:
@@ -140,6 +152,19 @@ class TcKernel(SockLbKernel):
             del ifaddrs[index]
         for index in [i for i in self._attached if i not in current]:
             del self._attached[index]
+
+    def set_pod_sources(self, cidrs: Sequence[str]) -> None:
+        """Replace the pod-source prefixes (IPv4 CIDRs)."""
+        table = self._table("pod_sources")
+        wanted = {}
+        for cidr in cidrs:
+            network = ipaddress.ip_network(cidr)
+            wanted[(network.prefixlen, _ip(str(network.network_address))[3])] = cidr
+        for key in list(table.keys()):
+            if (key.prefixlen, key.addr) not in wanted:
+                del table[key]
+        for prefixlen, addr in wanted:
+            table[table.Key(prefixlen, addr)] = table.Leaf(1)
 
     def local_addresses(self) -> list[str]:
         """This namespace's IPv4 addresses."""
