@@ -11,7 +11,14 @@ import pytest
 from kproxyd.backends.iptables.kernel import IptablesKernel, detect_iptables_variant
 from kproxyd.backends.ipvs.kernel import Ipset, iptables_kernel
 from kproxyd.backends.ipvs.names import all_set_names
-from kproxyd.backends.ipvs.render import IpvsRenderer, IpvsRenderOptions, IpvsState, cleanup_rules, ipset_changes
+from kproxyd.backends.ipvs.render import (
+    IpsetChanges,
+    IpvsRenderer,
+    IpvsRenderOptions,
+    IpvsState,
+    cleanup_rules,
+    ipset_changes,
+)
 from kproxyd.model import ServiceType
 from tests.model_factories import CLUSTER_CIDR, eps, plans, spn, svc
 
@@ -47,12 +54,14 @@ def test_ipsets_and_rules_are_accepted_and_cleaned_up(netns: str) -> None:
     ipset = Ipset(prefix)
     iptables = iptables_kernel(detect_iptables_variant(prefix), 4, prefix)
     state = rendered()
-    ipset.restore(ipset_changes(state, ipset.sets(state.sets), 4))
+    ipset.restore(ipset_changes(state, ipset.sets(state.sets), 4).additions)
     iptables.ensure_jumps()
     iptables.restore(state.iptables)
     live = ipset.sets(state.sets)
     assert live == {name: set(members) for name, members in state.sets.items()}
-    assert ipset_changes(state, live, 4) == ""  # members as ipset save prints them: nothing to redo
+    assert ipset_changes(state, live, 4) == IpsetChanges(
+        "", ""
+    )  # members as ipset save prints them: nothing to redo
     nat = iptables.save("nat")
     assert "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT" in nat
     assert "-j KUBE-IPVS-FILTER" in iptables.save("filter")

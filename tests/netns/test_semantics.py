@@ -260,12 +260,11 @@ def test_health_check_node_port(cluster: LabCluster) -> None:
     for node, status, count in (("node1", 200, 2), ("node2", 503, 0)):
         ip = cluster.net.node(node).ip
         got, body = wait_until(lambda ip=ip: _http(cluster, ip, port), timeout=10, what="health check port")
-        assert got == status
-        assert json.loads(body) == {
-            "service": {"namespace": "default", "name": "only1-lb"},
-            "localEndpoints": count,
-            "serviceProxyHealthy": True,
-        }
+        service = {"namespace": "default", "name": "only1-lb"}
+        assert (got, json.loads(body)) == (
+            status,
+            {"service": service, "localEndpoints": count, "serviceProxyHealthy": True},
+        ), node
 
 
 def _http(lab: LabCluster, ip: str, port: int) -> tuple[int, str] | None:

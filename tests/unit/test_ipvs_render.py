@@ -8,6 +8,7 @@ from kproxyd.backends.ipvs import names
 from kproxyd.backends.ipvs.backend import render_options
 from kproxyd.backends.ipvs.names import all_set_names, set_name
 from kproxyd.backends.ipvs.render import (
+    IpsetChanges,
     IpvsRenderer,
     IpvsRenderOptions,
     IpvsState,
@@ -190,15 +191,15 @@ def test_ipset_changes_create_missing_sets_and_diff_members() -> None:
         )
     )
     result = state(the_plans)
-    first = ipset_changes(result, {}, 4)
+    first = ipset_changes(result, {}, 4).additions
     assert "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535" in first
     assert "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536" in first
     assert "add KUBE-LOAD-BALANCER-SOURCE-CIDR 5.6.7.8,tcp:80,1.1.1.1" in first  # as ipset save prints a /32
     live_sets: dict[str, set[str]] = {name: set(m) for name, m in result.sets.items()}
-    assert ipset_changes(result, live_sets, 4) == ""
+    assert ipset_changes(result, live_sets, 4) == IpsetChanges("", "")
     live_sets["KUBE-CLUSTER-IP"] = {"172.30.0.9,tcp:80"}
-    assert ipset_changes(result, live_sets, 4) == (
-        "del KUBE-CLUSTER-IP 172.30.0.9,tcp:80\nadd KUBE-CLUSTER-IP 172.30.0.41,tcp:80\n"
+    assert ipset_changes(result, live_sets, 4) == IpsetChanges(
+        additions="add KUBE-CLUSTER-IP 172.30.0.41,tcp:80\n", deletions="del KUBE-CLUSTER-IP 172.30.0.9,tcp:80\n"
     )
 
 
