@@ -121,6 +121,13 @@ def test_ipv6_sets_and_addresses() -> None:
     assert set_name(names.CLUSTER_IP, 6) in all_set_names()
 
 
+def test_ipv6_set_names_are_cut_to_what_ipset_takes_as_kube_proxy_does() -> None:
+    assert set_name(names.LOAD_BALANCER_SOURCE_CIDR, 6) == "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+    assert set_name(names.NODE_PORT_LOCAL_SCTP, 6) == "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS"
+    assert max(len(name) for name in all_set_names()) == names.IPSET_MAX_NAME
+    assert len(set(all_set_names())) == len(all_set_names())
+
+
 def test_render_options_node_ports_on_the_nodes_own_addresses() -> None:
     node = NodeInfo("node1", addresses=("192.168.0.2",))
     local = ["127.0.0.1", "192.168.0.2", "10.244.1.1"]
