@@ -66,8 +66,9 @@ class Kernel:
         self.recorder.calls += [f"virtual service {key}" for key in changes.create]
 
 
-def test_rules_masquerading_a_service_address_come_before_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The node reaches a cluster IP from that address: it must not answer before KUBE-MARK-MASQ can match."""
+def test_a_service_address_comes_after_its_rules_and_virtual_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node reaches a cluster IP from that address: it must not answer before KUBE-MARK-MASQ can match,
+    nor before IPVS has a virtual service for it (the local stack would reset the connection)."""
     monkeypatch.setattr(ipvs_backend, "prepare_kernel", lambda scheduler, strict_arp: None)
     recorder = Recorder()
     backend = IpvsBackend(
@@ -83,8 +84,8 @@ def test_rules_masquerading_a_service_address_come_before_the_address(monkeypatc
         "jumps",
         "ipset create",
         "iptables",
-        "address + 172.30.0.41",
         "virtual service TCP/172.30.0.41:80",
+        "address + 172.30.0.41",
         "address - 172.30.0.9",
         "ipset del",
     ]

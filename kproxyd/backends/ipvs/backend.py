@@ -163,11 +163,12 @@ class IpvsBackend:
         live_addresses: Collection[str],
         live_sets: Mapping[str, set[str]],
     ) -> WriteStats:
-        """ipsets and rules first, then addresses and virtual services, then what is no longer wanted.
+        """ipsets and rules, then virtual services with their real servers, then addresses, then stale members.
 
-        A service address must not answer before the rules masquerading node traffic to it are there: the
-        node reaches it from the address itself (local on kube-ipvs0), and a reply from another node's pod
-        to that source would never come back.
+        A service address answers only once everything behind it is there: the rules masquerading node
+        traffic to it (the node reaches it from the address itself, local on kube-ipvs0, and a reply from
+        another node's pod to that source would never come back) and its virtual service (a local address
+        without one resets connections).
         """
         family = self._family
         sets = ipset_changes(state, live_sets, family)
@@ -175,12 +176,15 @@ class IpvsBackend:
         rules = state.iptables if self._state is None or state.iptables != self._state.iptables else ""
         if rules:
             self._iptables.restore(rules)
-        self._link.update(family, add=sorted(state.addresses - set(live_addresses)), remove=())
         live = self._kernel.services(keys)
         changes = diff_services(state.services, live, keys, self._keep)
         self._kernel.apply(changes)
         self._draining = {d for d in self._draining if keys is not None and d[0] not in keys} | changes.draining
-        self._link.update(family, add=(), remove=sorted(set(live_addresses) - state.addresses))
+        self._link.update(
+            family,
+            add=sorted(state.addresses - set(live_addresses)),
+            remove=sorted(set(live_addresses) - state.addresses),
+        )
         self._ipset.restore(sets.deletions)
         self._state = state
         log.debug(
