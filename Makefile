@@ -59,7 +59,7 @@ test: lint
 	$(PY) -m pytest -q -ra
 
 # The second kernel (Debian's 6.1 under qemu TCG, docs/guest.md): GUEST_PYTEST='tests/netns/test_flows.py -k web'
-# (empty: the representative selection), GUEST_ARGS='--smp 2 --memory 2048'.
+# (empty: FULL in tests/guest/run.py), GUEST_ARGS='--smp 2 --memory 2048'.
 test-guest: setup
 	$(PY) -m tests.guest.run $(GUEST_ARGS) -- $(GUEST_PYTEST)
 

@@ -532,7 +532,12 @@ class NetLab:
         timeout: float = 1.0,
         source_port: int | None = None,
     ) -> Reply:
-        """From host src talk to ip:port once; ConnectionRefusedError when refused, TimeoutError on timeout."""
+        """From host src talk to ip:port once; ConnectionRefusedError when refused, TimeoutError on timeout.
+
+        Only the wait for a TCP reply after the connection is up is stretched by TIME_SCALE: the handshake is
+        the kernel's (a drop must still time out at once), the reply is the pod server's Python, which an
+        emulated CPU can hold up for longer than the timeout.
+        """
         kind = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}[proto.upper()]
         family = _family(ip)
         deadline = time.monotonic() + timeout
@@ -543,6 +548,8 @@ class NetLab:
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
             sock.connect((ip, port))
             sock.sendall(b"HELLO\n")
+            if kind == socket.SOCK_STREAM:
+                deadline = time.monotonic() + timeout * TIME_SCALE
             return Reply.parse(_read_line(sock, deadline))
 
     def request_many(

@@ -44,10 +44,10 @@ DEFAULT_TIMEOUT = 3600.0
 # 224 s to their first sync: the lab's waits (KPROXYD_LAB_TIME_SCALE) and pytest-timeout's per-test limit
 # are stretched by this much inside the guest (it only costs time when a wait is about to fail).
 DEFAULT_TIME_SCALE = 20.0
-# What `make test-guest` runs without GUEST_PYTEST, and tests/guest/test_second_kernel.py in CI.
-# What CI runs in the guest (tests/guest/test_second_kernel.py): what only a kernel with IPVS can prove.
-# iptables and nftables modes run natively in CI; `make test-guest` runs the whole flow suite (FULL) here.
+# What CI runs in the guest (tests/guest/test_second_kernel.py): what only a kernel with IPVS can prove; the
+# iptables and nftables modes run natively in CI. docs/guest.md has both selections' measured times.
 REPRESENTATIVE = ("tests/netns/test_ipvs_backend.py", "tests/netns/test_flows.py", "-k", "ipvs")
+# What `make test-guest` runs without GUEST_PYTEST: every mode but ebpf through the flow and semantics suites.
 FULL = (
     "tests/netns/test_nftables_kernel.py",
     "tests/netns/test_iptables_kernel.py",
@@ -290,9 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="kill qemu after this (s)")
     parser.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE, help="stretch lab waits by this")
-    parser.add_argument(
-        "pytest_args", nargs="*", help="after --: pytest arguments (default: the representative set)"
-    )
+    parser.add_argument("pytest_args", nargs="*", help="after --: pytest arguments (default: FULL)")
     args = parser.parse_args(argv)
     result = run_pytest(
         args.pytest_args or FULL,

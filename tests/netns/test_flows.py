@@ -134,11 +134,7 @@ def _host_ips(lab: LabCluster, name: str) -> set[str]:
 
 
 @pytest.mark.parametrize("flow", FLOWS, ids=str)
-def test_flow(cluster: LabCluster, flow: Flow, request: pytest.FixtureRequest) -> None:
-    if cluster.mode == "ipvs" and flow.src.startswith("node") and flow.via == "cluster-ip":  # type: ignore[attr-defined]
-        # Open bug (docs/ipvs.md): on the 6.1 guest a few node-originated connections leave from the cluster
-        # IP itself unmasqueraded, and those to a remote backend get no reply. Runs, reported as XFAIL/XPASS.
-        request.applymarker(pytest.mark.xfail(reason="ipvs: node -> cluster IP not always masqueraded (open)"))
+def test_flow(cluster: LabCluster, flow: Flow) -> None:
     ip = _ip(cluster, flow.service, flow.via)
     results = cluster.answers(flow.src, ip, flow.port, flow.proto, count=40, timeout=1.0)
     if flow.expect == "refused":

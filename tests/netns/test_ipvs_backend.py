@@ -20,6 +20,10 @@ pytestmark = pytest.mark.netns
 def probe(netns: str) -> dict[str, dict[str, object]]:
     if not ipvs_available():
         pytest.skip("needs a kernel with IPVS (not this one); run it in the guest: python -m tests.guest.run")
+    # The node's address, as on a node: IPVS refuses real servers (EINVAL) while the namespace has no local
+    # address at all, and the probe binds kube-ipvs0's addresses only after the real servers.
+    subprocess.run(["ip", "-n", netns, "addr", "add", "192.168.0.2/24", "dev", "lo"], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.netns.ipvs_probe"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ from kproxyd.backends.ipvs import names
 from kproxyd.backends.ipvs.backend import render_options
 from kproxyd.backends.ipvs.names import all_set_names, set_name
 from kproxyd.backends.ipvs.render import (
+    IpsetChanges,
     IpvsRenderer,
     IpvsRenderOptions,
     IpvsState,
@@ -120,6 +121,13 @@ def test_ipv6_sets_and_addresses() -> None:
     assert set_name(names.CLUSTER_IP, 6) in all_set_names()
 
 
+def test_ipv6_set_names_are_cut_to_what_ipset_takes_as_kube_proxy_does() -> None:
+    assert set_name(names.LOAD_BALANCER_SOURCE_CIDR, 6) == "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+    assert set_name(names.NODE_PORT_LOCAL_SCTP, 6) == "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS"
+    assert max(len(name) for name in all_set_names()) == names.IPSET_MAX_NAME
+    assert len(set(all_set_names())) == len(all_set_names())
+
+
 def test_render_options_node_ports_on_the_nodes_own_addresses() -> None:
     node = NodeInfo("node1", addresses=("192.168.0.2",))
     local = ["127.0.0.1", "192.168.0.2", "10.244.1.1"]
@@ -190,15 +198,15 @@ def test_ipset_changes_create_missing_sets_and_diff_members() -> None:
         )
     )
     result = state(the_plans)
-    first = ipset_changes(result, {}, 4)
+    first = ipset_changes(result, {}, 4).additions
     assert "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535" in first
     assert "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536" in first
     assert "add KUBE-LOAD-BALANCER-SOURCE-CIDR 5.6.7.8,tcp:80,1.1.1.1" in first  # as ipset save prints a /32
     live_sets: dict[str, set[str]] = {name: set(m) for name, m in result.sets.items()}
-    assert ipset_changes(result, live_sets, 4) == ""
+    assert ipset_changes(result, live_sets, 4) == IpsetChanges("", "")
     live_sets["KUBE-CLUSTER-IP"] = {"172.30.0.9,tcp:80"}
-    assert ipset_changes(result, live_sets, 4) == (
-        "del KUBE-CLUSTER-IP 172.30.0.9,tcp:80\nadd KUBE-CLUSTER-IP 172.30.0.41,tcp:80\n"
+    assert ipset_changes(result, live_sets, 4) == IpsetChanges(
+        additions="add KUBE-CLUSTER-IP 172.30.0.41,tcp:80\n", deletions="del KUBE-CLUSTER-IP 172.30.0.9,tcp:80\n"
     )
 
 

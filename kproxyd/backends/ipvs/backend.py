@@ -163,28 +163,38 @@ class IpvsBackend:
         live_addresses: Collection[str],
         live_sets: Mapping[str, set[str]],
     ) -> WriteStats:
-        """Addresses and virtual services first, then ipsets and rules, then what is no longer wanted."""
+        """ipsets and rules, then virtual services with their real servers, then addresses, then stale members.
+
+        A service address answers only once everything behind it is there: the rules masquerading node
+        traffic to it (the node reaches it from the address itself, local on kube-ipvs0, and a reply from
+        another node's pod to that source would never come back) and its virtual service (a local address
+        without one resets connections).
+        """
         family = self._family
-        self._link.update(family, add=sorted(state.addresses - set(live_addresses)), remove=())
+        sets = ipset_changes(state, live_sets, family)
+        self._ipset.restore(sets.additions)
+        rules = state.iptables if self._state is None or state.iptables != self._state.iptables else ""
+        if rules:
+            self._iptables.restore(rules)
         live = self._kernel.services(keys)
         changes = diff_services(state.services, live, keys, self._keep)
         self._kernel.apply(changes)
         self._draining = {d for d in self._draining if keys is not None and d[0] not in keys} | changes.draining
-        sets_text = ipset_changes(state, live_sets, family)
-        self._ipset.restore(sets_text)
-        rules = state.iptables if self._state is None or state.iptables != self._state.iptables else ""
-        if rules:
-            self._iptables.restore(rules)
-        self._link.update(family, add=(), remove=sorted(set(live_addresses) - state.addresses))
+        self._link.update(
+            family,
+            add=sorted(state.addresses - set(live_addresses)),
+            remove=sorted(set(live_addresses) - state.addresses),
+        )
+        self._ipset.restore(sets.deletions)
         self._state = state
         log.debug(
             "ipvs state written",
             full=keys is None,
             netlink_requests=len(changes),
             draining=len(self._draining),
-            ipset_lines=sets_text.count("\n"),
+            ipset_lines=sum(text.count("\n") for text in (sets.additions, sets.deletions)),
         )
-        texts = (sets_text, rules)
+        texts = (sets.additions, sets.deletions, rules)
         return WriteStats(
             bytes=sum(len(t) for t in texts),
             lines=len(changes) + sum(t.count("\n") for t in texts),

@@ -110,9 +110,13 @@ SET_KINDS = (
 )
 
 
+IPSET_MAX_NAME = 31  # IPSET_MAXNAMELEN less the terminating NUL: ipset refuses longer names
+
+
 def set_name(kind: SetKind, family: int) -> str:
-    """kube-proxy's ipset name for an IP family: IPv6 sets are KUBE-6-..., as kube-proxy's getIPSetName."""
-    return kind.name if family == 4 else "KUBE-6-" + kind.name.removeprefix("KUBE-")
+    """kube-proxy's ipset name for an IP family: IPv6 sets are KUBE-6-..., cut to 31 characters as kube-proxy's
+    NewIPSet does (KUBE-6-LOAD-BALANCER-SOURCE-CID, KUBE-6-NODE-PORT-LOCAL-SCTP-HAS)."""
+    return kind.name if family == 4 else ("KUBE-6-" + kind.name.removeprefix("KUBE-"))[:IPSET_MAX_NAME]
 
 
 def all_set_names() -> tuple[str, ...]:

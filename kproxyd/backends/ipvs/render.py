@@ -451,14 +451,23 @@ def _create_line(name: str, set_type: str, family: int) -> str:
     return f"create {name} {set_type} family {inet} hashsize 1024 maxelem 65536"
 
 
-def ipset_changes(state: IpvsState, live: Mapping[str, Collection[str]], family: int) -> str:
-    """ipset restore input taking the live sets to the state's: missing sets, then deletions, then additions."""
-    lines = [_create_line(name, state.set_types[name], family) for name in state.sets if name not in live]
+@dataclass(frozen=True, slots=True)
+class IpsetChanges:
+    """ipset restore inputs: missing sets and new members (before the addresses), and stale members (after)."""
+
+    additions: str
+    deletions: str
+
+
+def ipset_changes(state: IpvsState, live: Mapping[str, Collection[str]], family: int) -> IpsetChanges:
+    """What takes the live sets to the state's: missing sets and additions, then deletions, as separate inputs."""
+    additions = [_create_line(name, state.set_types[name], family) for name in state.sets if name not in live]
+    deletions: list[str] = []
     for name, members in state.sets.items():
         have = set(live.get(name, ()))
-        lines += [f"del {name} {member}" for member in sorted(have - members)]
-        lines += [f"add {name} {member}" for member in sorted(members - have)]
-    return "\n".join([*lines, ""]) if lines else ""
+        deletions += [f"del {name} {member}" for member in sorted(have - members)]
+        additions += [f"add {name} {member}" for member in sorted(members - have)]
+    return IpsetChanges(*("\n".join([*lines, ""]) if lines else "" for lines in (additions, deletions)))
 
 
 _TARGET = re.compile(r" -j (\S+)")
