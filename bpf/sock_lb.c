@@ -11,54 +11,12 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 
-#define F_NO_ENDPOINTS 1  // no endpoint this traffic may use: fail connect()/sendmsg() at once (EPERM)
-#define F_MAGLEV 2        // slots hold a Maglev table: pick by a hash of the socket, not at random
-
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define V4_MAPPED 0xffff0000U  // the third word of ::ffff:a.b.c.d, bytes 00 00 ff ff, as a host-order u32
-#else
-#define V4_MAPPED 0x0000ffffU
-#endif
-
-struct frontend_key {
-    u32 addr[4];  // network order; IPv4 as ::ffff:a.b.c.d
-    u16 port;     // network order
-    u8 proto;
-    u8 pad;
-};
-
-struct frontend {
-    u32 rev;       // the slots this frontend uses: (rev, 0..count-1)
-    u32 count;
-    u32 flags;
-    u32 affinity;  // sessionAffinity ClientIP timeout in seconds; 0: none
-};
-
-struct slot_key {
-    u32 rev;
-    u32 slot;
-};
-
-struct backend {
-    u32 addr[4];  // the frontend's family: IPv4-mapped for an IPv4 frontend
-    u16 port;
-    u16 pad;
-};
-
-struct counter {
-    u64 connections;  // connect() translated
-    u64 packets;      // unconnected UDP datagrams translated
-};
+#include "lb_common.h"  // F_NO_ENDPOINTS fails connect()/sendmsg() at once (EPERM); Maglev hashes the socket
 
 struct affinity_key {
     u64 netns;  // the client is the socket's network namespace (a pod), as Cilium's socket LB
     struct frontend_key frontend;
     u32 pad;
-};
-
-struct affinity_value {
-    struct backend backend;
-    u64 seen_ns;
 };
 
 struct reverse_key {

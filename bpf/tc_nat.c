@@ -12,15 +12,9 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
 
-#define F_NO_ENDPOINTS 1  // never written here: such frontends stay with the nftables fallback (REJECT/DROP)
-#define F_MAGLEV 2        // slots hold a Maglev table: pick by a hash of the client address and port
-#define F_SNAT 4          // externalTrafficPolicy Cluster: masquerade to the node's address
-
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define V4_MAPPED 0xffff0000U  // the third word of ::ffff:a.b.c.d, bytes 00 00 ff ff, as a host-order u32
-#else
-#define V4_MAPPED 0x0000ffffU
-#endif
+#include "lb_common.h"  // F_NO_ENDPOINTS is never written here (those frontends stay with nftables); Maglev
+                        // hashes the client address and port
+#define F_SNAT 4  // externalTrafficPolicy Cluster: masquerade to the node's address
 
 #define R_INGRESS 1  // reverse entry of a masqueraded flow: the reply comes to the node, translate at ingress
 #define N_CLOSING 8  // a FIN or RST went this way: the entry expires soon (F_SNAT is 4)
@@ -41,36 +35,6 @@
 #define SNAT_PORTS 28976
 #define SNAT_TRIES 16
 
-struct frontend_key {
-    u32 addr[4];  // network order, ::ffff:a.b.c.d
-    u16 port;     // network order
-    u8 proto;
-    u8 pad;
-};
-
-struct frontend {
-    u32 rev;
-    u32 count;
-    u32 flags;
-    u32 affinity;  // sessionAffinity ClientIP timeout in seconds; 0: none
-};
-
-struct slot_key {
-    u32 rev;
-    u32 slot;
-};
-
-struct backend {
-    u32 addr[4];  // ::ffff:a.b.c.d: the IPv4 address is addr[3]
-    u16 port;
-    u16 pad;
-};
-
-struct counter {
-    u64 connections;  // flows created
-    u64 packets;      // unused here (the socket load balancer counts unconnected datagrams)
-};
-
 // A packet's addresses and ports as it travels (network order).
 struct flow {
     u32 saddr;
@@ -90,11 +54,6 @@ struct nat {
 struct affinity_key {
     u32 client;
     struct frontend_key frontend;
-};
-
-struct affinity_value {
-    struct backend backend;
-    u64 seen_ns;
 };
 
 BPF_TABLE_PINNED("hash", struct frontend_key, struct frontend, frontends, 131072, "PIN_DIR/tc_frontends", BPF_F_NO_PREALLOC);

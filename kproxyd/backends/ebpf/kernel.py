@@ -145,14 +145,15 @@ class SockLbKernel:
         from bcc import BPF  # imported here: cleanup and the pure layers must not need bcc
 
         text = self.source_file.read_text().replace("PIN_DIR", self.pin_path).encode()
-        bpf = BPF(text=text)
+        cflags = [f"-I{self.source_file.parent}"]  # bpf/lb_common.h
+        bpf = BPF(text=text, cflags=cflags)
         stale = [self.map_prefix + name for name in self.map_names if not _fits(bpf.get_table(name.encode()))]
         if not stale:
             return bpf
         log.warning("pinned eBPF maps of an earlier layout: replacing them", maps=stale, pin_path=self.pin_path)
         bpf.cleanup()
         self.unpin_maps()
-        return BPF(text=text)
+        return BPF(text=text, cflags=cflags)
 
     def unpin_maps(self) -> None:
         """Remove the maps' pins (programs still holding a map keep it until they are replaced)."""
