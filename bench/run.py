@@ -10,6 +10,7 @@ docs/benchmarks.md from a full run (bench/report.py renders both; it can be re-r
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -582,6 +583,7 @@ def main() -> int:
     modes = tuple(args.modes.split(",")) if args.modes else MODES
     name = (f"{today}-quick" if args.quick else today) + ("-" + "-".join(modes) if args.modes else "")
     loadgen = build_loadgen()
+    atexit.register(shutil.rmtree, os.path.dirname(loadgen), True)
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,

@@ -6,6 +6,7 @@ reaches it the way a real node reaches its control plane. The demo and the tests
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,7 @@ class LabCluster:
         self.controller.stop()
         self.stop_api()
         self.net.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)  # the kubeconfig and the kproxyd logs
 
     # The API server.
 
