@@ -159,6 +159,17 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
+def _bridge_mac(index: int) -> str:
+    """A fixed, locally administered MAC for bridge index (0: the LAN).
+
+    A bridge whose address was never set takes the lowest MAC of its ports, so it changes as pods come
+    and go; hosts that cached the old gateway MAC then send frames the bridge no longer accepts for
+    itself (dropped as for another host) until their neighbour entry expires, up to ~45 s. CNI bridge
+    plugins pin the address for the same reason.
+    """
+    return f"02:6b:70:00:{index:02x}:01"
+
+
 def _family(ip: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
@@ -311,7 +322,7 @@ class NetLab:
 
     def _build_lan(self) -> LabHost:
         netns = self._new_netns("lan", _LAN_SYSCTLS)
-        ip_in(netns, "link", "add", "br0", "type", "bridge")
+        ip_in(netns, "link", "add", "br0", "address", _bridge_mac(0), "type", "bridge")
         ip_in(netns, "addr", "add", f"{LAN_GATEWAY}/{LAN_PREFIXLEN}", "dev", "br0")
         ip_in(netns, "addr", "add", f"{LAN_GATEWAY6}/64", "dev", "br0", "nodad")
         ip_in(netns, "link", "set", "br0", "up")
@@ -351,7 +362,7 @@ class NetLab:
         os.makedirs(self.node_cgroup(name))
         self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name))
         self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip, node.ip6)
-        ip_in(netns, "link", "add", "cbr0", "type", "bridge")
+        ip_in(netns, "link", "add", "cbr0", "address", _bridge_mac(index), "type", "bridge")
         ip_in(netns, "addr", "add", f"{node.pod_gateway}/24", "dev", "cbr0")
         ip_in(netns, "addr", "add", f"{node.pod_gateway6}/64", "dev", "cbr0", "nodad")
         ip_in(netns, "link", "set", "cbr0", "up")

@@ -136,6 +136,26 @@ def test_removed_pod_stops_answering_and_its_ip_is_not_reused_at_once(lab: NetLa
     lab.remove_pod("e")
 
 
+def test_pod_bridge_keeps_its_mac_as_pods_come_and_go(lab: NetLab) -> None:
+    """A bridge takes its lowest port's MAC unless set; pods caching the old gateway MAC would go deaf."""
+
+    def cbr0_mac() -> str:
+        return str(json.loads(lab.exec("node1", ["ip", "-j", "link", "show", "cbr0"]).stdout)[0]["address"])
+
+    before = cbr0_mac()
+    assert lab.request("a", pod(lab, "c").ip, 8080).pod.startswith("c-")  # a caches its gateway's MAC
+    lab.add_pod("node1", "low")
+    ports = json.loads(lab.exec("node1", ["ip", "-j", "link", "show", "master", "cbr0"]).stdout)
+    newest = max(ports, key=lambda port: port["ifindex"])["ifname"]
+    lab.exec("node1", ["ip", "link", "set", newest, "address", "00:00:5e:00:53:01"])  # lower than any port
+    try:
+        assert cbr0_mac() == before
+        assert lab.request("a", pod(lab, "c").ip, 8080, timeout=1).pod.startswith("c-")
+    finally:
+        lab.remove_pod("low")
+    assert cbr0_mac() == before
+
+
 def test_close_removes_everything() -> None:
     lab = NetLab()
     lab.add_node("n")
