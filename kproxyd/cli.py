@@ -239,3 +239,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BackendUnavailableError as err:
         log.error("proxy mode not available on this kernel", mode=config.mode, error=str(err))
         sys.exit(1)
+    except ConfigError as err:
+        log.error("invalid configuration", error=str(err))
+        sys.exit(1)
