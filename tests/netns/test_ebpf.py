@@ -81,10 +81,11 @@ def test_maps_pinned_by_an_earlier_layout_are_replaced(scratch: tuple[str, str])
     old.cleanup()
     kernel = SockLbKernel(cgroup, pin)
     kernel.load()
-    kernel.write({FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))}, [])
-    assert kernel.read_image(6) == {
-        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))
+    image = {
+        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),), service="ns/a:b")
     }
+    kernel.write(image, [])
+    assert kernel.read_image(6) == image  # the ServicePort's name too (the names map)
 
 
 @pytest.fixture(scope="module")
