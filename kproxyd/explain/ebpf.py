@@ -88,7 +88,8 @@ def _not_served(packet: Packet, node: EbpfNode) -> Explanation | None:
     service = found.entry.service if found is not None else node.socket_lb.service_at(packet.dst)
     reason = f"cluster IPs serve the sockets of this node and its pods, not traffic routed in on {packet.iif}"
     outcome = Outcome(1.0, Fate.UNHANDLED, reason=reason)
-    return Explanation("ebpf", packet, service or None, "cluster IP", (outcome,), dataplane="none (routed in)")
+    dataplane = f"none: routed in on {packet.iif}, past the socket load balancer"
+    return Explanation("ebpf", packet, service or None, "cluster IP", (outcome,), dataplane=dataplane)
 
 
 def _tc(
