@@ -136,7 +136,7 @@ def _balanced(
         program,
         hook,
         f"{prefix}frontends[{key}]: {entry.service or '(unnamed)'}, rev {found.rev}, {len(entry.slots)} slots, "
-        f"{algorithm}{affinity}{snat}; {found.connections} connections so far",
+        f"{algorithm}{affinity}{snat}; connections so far: {found.connections}",
     )
     if entry.flags & F_NO_ENDPOINTS or not entry.slots:
         outcomes: tuple[Outcome, ...] = (
