@@ -400,7 +400,7 @@ class PinnedMap:
         from bcc.libbcc import lib
         from bcc.utils import get_possible_cpus
 
-        self.path, self._key, self._value, self._lib = path, key, value, lib
+        self._key, self._value, self._lib = key, value, lib
         self._cpus = len(get_possible_cpus()) if per_cpu else 1
         self.fd = lib.bpf_obj_get(path.encode())
         if self.fd < 0:
@@ -492,7 +492,7 @@ class PinnedFrontends:
 
     def _name(self, key: ctypes.Structure) -> str:
         names = self._maps.get("names")
-        found = names.get(key) if names else None
+        found = names.get(key) if names is not None else None
         return found.name.decode(errors="replace") if found is not None else ""
 
     def close(self) -> None:
