@@ -64,9 +64,9 @@ def explain(packet: Packet, node: EbpfNode) -> Explanation:
 def _socket_lb(packet: Packet, node: EbpfNode, key: FrontendKey, notes: list[Hop]) -> Explanation | None:
     """connect() (sendmsg() for unconnected UDP) by a process of this node; None: not a cluster IP."""
     hook = _hook(packet)
+    dataplane = f"socket load balancer ({hook} of a process on this node)"
     found = node.socket_lb.frontend(key)
     if found is not None:
-        dataplane = f"socket load balancer ({hook} of a process on this node)"
         return _balanced(packet, SOCKET_LB, hook, key, found, "cluster IP", None, dataplane)
     if node.socket_lb.frontend(address_key(packet.dst)) is None:
         notes.append(Hop(SOCKET_LB, hook, f"frontends: no {key}, not a cluster IP: connect() goes on unchanged"))
@@ -75,9 +75,7 @@ def _socket_lb(packet: Packet, node: EbpfNode, key: FrontendKey, notes: list[Hop
     reason = f"cluster IP {packet.dst} has no port {packet.dport}/{packet.proto}: {_fails(packet)}"
     outcome = Outcome(1.0, Fate.REJECTED, reason=reason, hops=(hop,))
     service = node.socket_lb.service_at(packet.dst) or None
-    return Explanation(
-        "ebpf", packet, service, "cluster IP", (outcome,), dataplane=f"socket load balancer ({hook})"
-    )
+    return Explanation("ebpf", packet, service, "cluster IP", (outcome,), dataplane=dataplane)
 
 
 def _not_served(packet: Packet, node: EbpfNode) -> Explanation | None:
