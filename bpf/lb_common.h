@@ -42,6 +42,12 @@ struct counter {
     u64 packets;      // unconnected UDP datagrams translated (the socket load balancer's)
 };
 
+// A frontend's ServicePort, "namespace/name:port" (at most 63 + 1 + 63 + 1 + 15 characters), for
+// `kproxyd explain`: the daemon writes it next to the frontend entry; the programs never read it.
+struct service_name {
+    char name[144];
+};
+
 struct affinity_value {
     struct backend backend;
     u64 seen_ns;

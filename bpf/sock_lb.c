@@ -31,6 +31,8 @@ BPF_TABLE_PINNED("hash", struct slot_key, struct backend, slots, 262144, "PIN_DI
 // Per-CPU counters and per-CPU LRU lists: concurrent connect()s on different CPUs share no cache line or lock.
 BPF_TABLE_PINNED("percpu_hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/counters",
                  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct frontend_key, struct service_name, names, 131072, "PIN_DIR/names",
+                 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/affinity",
                  BPF_F_NO_COMMON_LRU);
 BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct frontend_key, reverse, 65536, "PIN_DIR/reverse",

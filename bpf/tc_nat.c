@@ -60,6 +60,8 @@ BPF_TABLE_PINNED("hash", struct frontend_key, struct frontend, frontends, 131072
 BPF_TABLE_PINNED("hash", struct slot_key, struct backend, slots, 262144, "PIN_DIR/tc_slots", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_hash", struct frontend_key, struct counter, counters, 131072, "PIN_DIR/tc_counters",
                  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct frontend_key, struct service_name, names, 131072, "PIN_DIR/tc_names",
+                 BPF_F_NO_PREALLOC);
 // The connection table: original direction (client -> frontend) and reply direction (backend -> node/client).
 BPF_TABLE_PINNED("lru_hash", struct flow, struct nat, conns, 262144, "PIN_DIR/tc_conns", 0);
 BPF_TABLE_PINNED("lru_hash", struct flow, struct nat, replies, 262144, "PIN_DIR/tc_replies", 0);

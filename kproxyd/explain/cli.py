@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 
 from kproxyd.backends.nftables.kernel import NftError
+from kproxyd.config import ProxyConfig
 from kproxyd.explain import iptables, nftables
 from kproxyd.explain.live import explain_live, live_packet
 from kproxyd.logs import configure_logging
@@ -23,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dst", required=True, help="destination IP (cluster, external, LB or node IP)")
     parser.add_argument("--dport", required=True, type=int, help="destination port")
     parser.add_argument("--proto", default="TCP", type=str.upper, choices=["TCP", "UDP", "SCTP"])
-    parser.add_argument("--mode", default="auto", choices=["auto", "iptables", "nftables"])
+    parser.add_argument("--mode", default="auto", choices=["auto", "iptables", "nftables", "ebpf"])
+    parser.add_argument(
+        "--bpf-pin-path",
+        default=ProxyConfig().bpf_pin_path,
+        help="ebpf: the daemon's pin directory (auto picks ebpf when its maps are pinned there)",
+    )
     parser.add_argument("--iif", help="interface the packet arrives on (default: the route back to --src)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
@@ -35,8 +41,8 @@ def explain_main(argv: Sequence[str]) -> int:
     configure_logging(-1)
     packet = live_packet(args.src, args.dst, args.dport, args.proto, args.iif)
     try:
-        explanation = explain_live(packet, args.mode)
-    except (iptables.UnsupportedRule, nftables.UnsupportedRule, NftError) as err:
+        explanation = explain_live(packet, args.mode, args.bpf_pin_path)
+    except (iptables.UnsupportedRule, nftables.UnsupportedRule, NftError, OSError) as err:
         print(f"kproxyd explain: {err}")
         return 2
     print(json.dumps(explanation.to_json(), indent=2) if args.json else explanation.to_text())

@@ -77,6 +77,7 @@ class Explanation:
     frontend: str | None
     outcomes: tuple[Outcome, ...]
     affinity: bool = False
+    dataplane: str | None = None  # ebpf mode: the program that decides (socket LB, tc, nftables fallback)
 
     @property
     def endpoints(self) -> dict[str, float]:
@@ -99,13 +100,14 @@ class Explanation:
             "service": self.service,
             "frontend": self.frontend,
             "affinity": self.affinity,
+            "dataplane": self.dataplane,
             "outcomes": [_outcome_json(o) for o in self.outcomes],
         }
 
     def to_text(self) -> str:
         """Human-readable: the packet, the Service, each outcome, and the rules of each path."""
         packet = self.packet
-        hook = (
+        hook = self.dataplane or (
             "nat OUTPUT (sent by this node)" if packet.from_node else f"nat PREROUTING (arrives on {packet.iif})"
         )
         lines = [
@@ -219,7 +221,11 @@ def _describe(outcome: Outcome) -> str:
         snat = f"masqueraded: {outcome.masquerade}" if outcome.masquerade else "source kept"
         return f"DNAT to {outcome.endpoint}, {snat}"
     if outcome.fate is Fate.UNHANDLED:
-        return "not a Service destination: routed on unchanged"
+        return (
+            f"not translated: {outcome.reason}"
+            if outcome.reason
+            else "not a Service destination: routed on unchanged"
+        )
     return f"{outcome.fate.value}" + (f": {outcome.reason}" if outcome.reason else "")
 
 

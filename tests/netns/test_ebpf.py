@@ -15,8 +15,14 @@ from typing import Any
 
 import pytest
 
-from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey
-from kproxyd.backends.ebpf.kernel import HOOKS, SockLbKernel, cgroup2_root, detach_and_unpin
+from kproxyd.backends.ebpf.image import ADDRESS_ENTRY, F_NO_ENDPOINTS, FrontendEntry, FrontendKey, address_key
+from kproxyd.backends.ebpf.kernel import (
+    HOOKS,
+    PinnedFrontends,
+    SockLbKernel,
+    cgroup2_root,
+    detach_and_unpin,
+)
 from kproxyd.lab import nsutil
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
@@ -71,6 +77,34 @@ def test_programs_compile_load_attach_and_clean_up(scratch: tuple[str, str]) -> 
     assert detach_and_unpin(cgroup, pin) == []  # nothing there: a no-op, no compile
 
 
+def test_pinned_frontends_read_what_the_daemon_wrote(scratch: tuple[str, str]) -> None:
+    """`kproxyd explain`'s reader (no compile) sees the entries, slots and names the loader wrote."""
+    cgroup, pin = scratch
+    kernel = SockLbKernel(cgroup, pin)
+    kernel.load()
+    web = FrontendKey("10.96.0.10", 80, Protocol.TCP)
+    entry = FrontendEntry((("10.244.1.2", 8080), ("10.244.1.3", 8080)), 0, 600, "default/web:http")
+    empty = FrontendKey("fd00:96::11", 53, Protocol.UDP)
+    kernel.write({web: entry, address_key(web.ip): ADDRESS_ENTRY, empty: FrontendEntry((), F_NO_ENDPOINTS)}, [])
+    maps = PinnedFrontends(pin)
+    try:
+        found = maps.frontend(web)
+        assert found is not None and found.entry == entry and found.rev > 0 and found.connections == 0
+        assert maps.frontend(address_key(web.ip)) is not None
+        no_endpoints = maps.frontend(empty)
+        assert no_endpoints is not None and no_endpoints.entry == FrontendEntry((), F_NO_ENDPOINTS)
+        assert maps.frontend(FrontendKey("10.96.0.10", 81, Protocol.TCP)) is None
+        assert maps.service_at(web.ip) == "default/web" and maps.service_at("fd00:96::11") == ""
+    finally:
+        maps.close()
+    kernel.write({}, [web])
+    maps = PinnedFrontends(pin)
+    try:
+        assert maps.service_at(web.ip) == ""  # its name went with it
+    finally:
+        maps.close()
+
+
 def test_maps_pinned_by_an_earlier_layout_are_replaced(scratch: tuple[str, str]) -> None:
     """bcc would reuse a pinned map of another key size as it is (the IPv4-only layout's 8-byte keys)."""
     from bcc import BPF
@@ -81,10 +115,11 @@ def test_maps_pinned_by_an_earlier_layout_are_replaced(scratch: tuple[str, str])
     old.cleanup()
     kernel = SockLbKernel(cgroup, pin)
     kernel.load()
-    kernel.write({FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))}, [])
-    assert kernel.read_image(6) == {
-        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),))
+    image = {
+        FrontendKey("fd00:96::10", 80, Protocol.TCP): FrontendEntry((("fd00:244::2", 8080),), service="ns/a:b")
     }
+    kernel.write(image, [])
+    assert kernel.read_image(6) == image  # the ServicePort's name too (the names map)
 
 
 @pytest.fixture(scope="module")

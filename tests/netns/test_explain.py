@@ -19,8 +19,10 @@ import pytest
 import tests.netns.test_flows as flows
 import tests.netns.test_semantics as semantics
 from kproxyd.lab.cluster import LabCluster
+from kproxyd.lab.nsutil import nsenter_argv, run
+from tests.netns.expect import dropped_error, refused_error
 
-MODES_EXPLAINED = ("iptables", "nftables")
+MODES_EXPLAINED = ("iptables", "nftables", "ebpf")
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,14 @@ def first_node(lab: LabCluster, src: str, dst_ip: str) -> str:
 
 
 def explain(lab: LabCluster, node: str, src: str, dst: str, port: int, proto: str) -> dict[str, Any]:
-    """`kproxyd explain --json` run in a node's namespace."""
+    """`kproxyd explain --json` run in a node's namespace with the host's /sys (ebpf: its pinned maps), the mode
+    picked by itself.
+    """
     argv = [sys.executable, "-m", "kproxyd", "explain", "--src", src, "--dst", dst, "--dport", str(port)]
-    out = lab.net.exec(node, [*argv, "--proto", proto, "--json"]).stdout
-    return dict(json.loads(out))
+    argv += ["--proto", proto, "--json", f"--bpf-pin-path={lab.net.pin_path(node)}"]
+    answer = dict(json.loads(run(nsenter_argv(lab.net.node(node).netns, argv)).stdout))
+    assert answer["mode"] == lab.mode, answer  # type: ignore[attr-defined]
+    return answer
 
 
 def explain_flow(lab: LabCluster, case: Case) -> dict[str, Any]:
@@ -112,6 +118,22 @@ def test_semantics_explained(semantics_lab: LabCluster, flow: Any) -> None:
     check(semantics_lab, Case("semantics", flow))
 
 
+def cluster_ip(case: Case) -> bool:
+    """True when the flow goes to a Service's cluster IP."""
+    if case.suite == "flows":
+        return bool(case.flow.via == "cluster-ip")
+    return case.flow.dst in semantics.cluster_ip_flows()
+
+
+def fails_with_eperm(mode: str, case: Case) -> bool:
+    """True where real packets showed ebpf's socket load balancer failing connect() itself (expect.py)."""
+    if case.flow.expect == "refused":
+        return refused_error(mode, cluster_ip(case)) is PermissionError
+    if case.flow.expect == "dropped":
+        return dropped_error(mode, cluster_ip(case) and case.flow.dst != "other-proxy") is PermissionError
+    return False
+
+
 def check(lab: LabCluster, case: Case) -> None:
     """explain's answer for one flow agrees with what real packets showed."""
     answer = explain_flow(lab, case)
@@ -119,7 +141,12 @@ def check(lab: LabCluster, case: Case) -> None:
     fates = {o["fate"] for o in outcomes}
     assert math.isclose(sum(o["probability"] for o in outcomes), 1.0, abs_tol=1e-4), outcomes
     expect = case.flow.expect
-    if expect == "refused":
+    mode = lab.mode  # type: ignore[attr-defined]
+    if mode == "ebpf" and cluster_ip(case) and case.flow.src.startswith("ext"):
+        assert fates == {"unhandled"}, answer  # cluster IPs are not served to traffic routed in (test_semantics)
+    elif fails_with_eperm(mode, case):
+        assert fates == {"rejected"} and all("EPERM" in o["reason"] for o in outcomes), answer
+    elif expect == "refused":
         assert fates == {"rejected"}, answer
     elif expect == "dropped":
         # Dropped by a rule, or not ours at all: a cluster IP no proxy serves goes nowhere.
@@ -130,3 +157,32 @@ def check(lab: LabCluster, case: Case) -> None:
         assert {o["endpoint"].rsplit(":", 1)[0] for o in outcomes} == pods, answer
         if case.flow.masqueraded is not None:
             assert {o["masquerade"] is not None for o in outcomes} == {case.flow.masqueraded}, answer
+
+
+def test_ebpf_programs_explained(flows_lab: LabCluster) -> None:
+    """ebpf mode: explain names the program that takes each kind of flow, as the flow suites count them."""
+    lab = flows_lab
+    if lab.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("the socket load balancer, tc and the nftables fallback are ebpf mode's")
+    pods = {lab.net.pod(name).ip for name in flows.BACKENDS}
+    web = explain_flow(lab, Case("flows", flows.Flow("client1", "web", 80)))
+    assert web["dataplane"] == "socket load balancer (connect4 of a process on this node)", web
+    assert web["service"] == "default/web:http" and web["frontend"] == "cluster IP", web
+    assert {o["endpoint"] for o in web["outcomes"]} == {f"{ip}:8080" for ip in pods}, web
+    assert all(math.isclose(o["probability"], 1 / 3, abs_tol=1e-4) for o in web["outcomes"]), web
+    node_port = explain_flow(lab, Case("flows", flows.Flow("ext", "web-np", flows.NODE_PORT, via="node1-ip")))
+    assert node_port["dataplane"] == "tc ingress on eth0" and node_port["frontend"] == "node port", node_port
+    assert node_port["service"] == "default/web-np:http", node_port
+    assert {o["masquerade"] for o in node_port["outcomes"]} == {
+        "external traffic to a Service with externalTrafficPolicy Cluster"
+    }, node_port
+    empty = explain_flow(lab, Case("flows", flows.Flow("client1", "empty", 80)))
+    assert [o["reason"] for o in empty["outcomes"]] == ["no endpoints: connect() fails with EPERM"], empty
+    assert empty["service"] == "default/empty:http", empty
+    # No endpoints: tc leaves it to the fallback's REJECT; the node's own connections never cross tc.
+    refused = explain_flow(lab, Case("flows", flows.Flow("ext", "empty-np", flows.NODE_PORT + 1, via="node1-ip")))
+    assert refused["dataplane"] == "nftables fallback, nat PREROUTING (arrives on eth0)", refused
+    assert {o["fate"] for o in refused["outcomes"]} == {"rejected"}, refused
+    own = explain_flow(lab, Case("flows", flows.Flow("node1", "web-np", flows.NODE_PORT, via="node1-ip")))
+    assert own["dataplane"] == "nftables fallback, nat OUTPUT (sent by this node)", own
+    assert own["service"] == "default/web-np:http" and len(own["outcomes"]) == 3, own

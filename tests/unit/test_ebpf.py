@@ -52,7 +52,7 @@ def test_image_of_a_cluster_ip() -> None:
     port = svc(spn(), "10.96.0.10")
     image = img.image(plans((port, eps("10.0.1.2", "10.0.2.3", port=8080))), "random")
     key = img.FrontendKey("10.96.0.10", 80, Protocol.TCP)
-    assert image[key] == img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)))
+    assert image[key] == img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)), service=str(port.name))
     assert image[img.address_key("10.96.0.10")] == img.ADDRESS_ENTRY
     assert len(image) == 2
 
@@ -65,7 +65,9 @@ def test_no_endpoints_and_affinity_and_maglev() -> None:
         plans((empty, []), (sticky, eps("10.0.1.2")), (hashed, eps("10.0.1.2", "10.0.1.3"))), "random"
     )
     assert image[img.FrontendKey("10.96.0.11", 80, Protocol.TCP)].flags == img.F_NO_ENDPOINTS
-    assert image[img.FrontendKey("10.96.0.12", 80, Protocol.TCP)] == img.FrontendEntry((("10.0.1.2", 80),), 0, 600)
+    assert image[img.FrontendKey("10.96.0.12", 80, Protocol.TCP)] == img.FrontendEntry(
+        (("10.0.1.2", 80),), 0, 600, str(sticky.name)
+    )
     maglev = image[img.FrontendKey("10.96.0.13", 80, Protocol.TCP)]
     assert maglev.flags == img.F_MAGLEV and len(maglev.slots) == TABLE_SIZE
     assert set(maglev.slots) == {("10.0.1.2", 80), ("10.0.1.3", 80)}
@@ -91,7 +93,7 @@ def test_image_of_an_ipv6_cluster_ip() -> None:
     state = plans((six, eps("fd00:244::2", "fd00:244::3", port=8080)), (hashed, eps("fd00:244::2")))
     image = img.image(state, "random")
     key = img.FrontendKey("fd00:96::10", 80, Protocol.TCP)
-    assert image[key] == img.FrontendEntry((("fd00:244::2", 8080), ("fd00:244::3", 8080)))
+    assert image[key] == img.FrontendEntry((("fd00:244::2", 8080), ("fd00:244::3", 8080)), service=str(six.name))
     assert image[img.address_key("fd00:96::10")] == img.ADDRESS_ENTRY
     assert set(image[img.FrontendKey("fd00:96::11", 80, Protocol.TCP)].slots) == {("fd00:244::2", 80)}
     assert img.fallback_plans(state) == {}  # IPv6 cluster IPs are eBPF's too: nothing falls back
@@ -222,7 +224,14 @@ def test_restart_rewrites_only_what_differs() -> None:
     backend.apply(state, None, NODE)
     assert kernel.loads == 1
     assert kernel.writes == [
-        ({img.FrontendKey("10.96.0.11", 80, Protocol.TCP): img.FrontendEntry((("10.0.1.3", 80),))}, [])
+        (
+            {
+                img.FrontendKey("10.96.0.11", 80, Protocol.TCP): img.FrontendEntry(
+                    (("10.0.1.3", 80),), service=str(b.name)
+                )
+            },
+            [],
+        )
     ]
 
 

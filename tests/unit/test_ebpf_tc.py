@@ -22,7 +22,7 @@ def test_cluster_policy_node_port_masquerades_to_every_endpoint() -> None:
     port = svc(spn(), "10.96.0.10", node_port=30080)
     plan = plans((port, eps("10.0.1.2", "10.0.2.3", port=8080, node="node2")))[port.name]
     image = tc.plan_image(plan, NODE_IPS, "random")
-    entry = img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)), tc.F_SNAT)
+    entry = img.FrontendEntry((("10.0.1.2", 8080), ("10.0.2.3", 8080)), tc.F_SNAT, service=str(port.name))
     assert image == {img.FrontendKey(ip, 30080, TCP): entry for ip in NODE_IPS}
 
 
@@ -31,7 +31,7 @@ def test_local_policy_keeps_the_client_and_picks_local_endpoints() -> None:
     endpoints = [*eps("10.0.1.2", node="node1"), *eps("10.0.2.3", node="node2")]
     plan = plans((port, endpoints))[port.name]
     assert tc.plan_image(plan, NODE_IPS[:1], "random") == {
-        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),))
+        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),), service=str(port.name))
     }
 
 

@@ -40,6 +40,7 @@ class FrontendEntry:
     slots: tuple[tuple[str, int], ...]  # (ip, port) per slot; Maglev tables repeat backends
     flags: int = 0
     affinity: int = 0  # seconds; 0: no session affinity
+    service: str = ""  # its ServicePort, "ns/name:port" (pinned for `kproxyd explain`); "" in address entries
 
 
 Image = dict[FrontendKey, FrontendEntry]
@@ -71,12 +72,13 @@ def endpoints_entry(
     """
     backends = tuple((ep.ip, ep.port) for ep in endpoints)
     affinity = plan.port.session_affinity_timeout or 0
+    service = str(plan.port.name)
     if not backends:
-        return FrontendEntry((), F_NO_ENDPOINTS | flags, affinity)
+        return FrontendEntry((), F_NO_ENDPOINTS | flags, affinity, service)
     if (plan.port.lb_algorithm or algorithm) == "maglev" and not affinity:
         names = [f"{ip}:{port}" for ip, port in backends]
-        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV | flags)
-    return FrontendEntry(backends, flags, affinity)
+        return FrontendEntry(tuple(backends[i] for i in maglev_table(names)), F_MAGLEV | flags, 0, service)
+    return FrontendEntry(backends, flags, affinity, service)
 
 
 def plan_image(plan: ServicePlan, algorithm: str) -> Image:

@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ HOOKS = {
     "getpeername4": 29,
     "getpeername6": 30,
 }
-MAPS = ("frontends", "slots", "counters", "affinity", "reverse")
+MAPS = ("frontends", "slots", "counters", "affinity", "reverse", "names")
+NAME_SIZE = 144  # struct service_name in bpf/lb_common.h
 BPFFS_MAGIC = 0xCAFE4A11
 BATCH_MIN = 64
 _PROTOCOLS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
@@ -178,13 +180,16 @@ class SockLbKernel:
         log.info("eBPF socket load balancer attached", cgroup=self.cgroup, pin_path=self.pin_path)
 
     def _collect_slots(self) -> None:
-        frontends, slots = self._table("frontends"), self._table("slots")
+        """Continue the revision counter; delete the slots and names no frontend uses."""
+        frontends, slots, names = self._table("frontends"), self._table("slots"), self._table("names")
         used: set[tuple[int, int]] = set()
         for v in frontends.values():
             used.update((v.rev, i) for i in range(v.count))
             self._next_rev = max(self._next_rev, v.rev + 1)
         for k in [k for k in slots if (k.rev, k.slot) not in used]:
             del slots[k]
+        for k in [k for k in names if frontends.get(k) is None]:
+            del names[k]
 
     def _pin(self, fd: int, name: str) -> None:
         from bcc.libbcc import lib
@@ -208,7 +213,7 @@ class SockLbKernel:
 
     def read_image(self, family: int) -> Image:
         """What the pinned maps hold for one IP family (an earlier run's state after a restart)."""
-        frontends, slots = self._table("frontends"), self._table("slots")
+        frontends, slots, names = self._table("frontends"), self._table("slots"), self._table("names")
         image: Image = {}
         for k, v in frontends.items():
             key = _frontend_key(k)
@@ -218,7 +223,8 @@ class SockLbKernel:
             for i in range(v.count):
                 be = slots.get(slots.Key(v.rev, i))
                 backends.append((_ip_text(be.addr), socket.ntohs(be.port)) if be is not None else ("::", 0))
-            image[key] = FrontendEntry(tuple(backends), v.flags, v.affinity)
+            name = names.get(k)
+            image[key] = FrontendEntry(tuple(backends), v.flags, v.affinity, name.name.decode() if name else "")
         return image
 
     def write(self, upserts: Image, deletes: list[FrontendKey]) -> int:
@@ -226,8 +232,10 @@ class SockLbKernel:
         removed ones; returns the number of map writes.
         """
         frontends, slots, counters = self._table("frontends"), self._table("slots"), self._table("counters")
+        names = self._table("names")
         slot_items: list[tuple[Any, Any]] = []
         entries: list[tuple[Any, Any]] = []
+        name_items: list[tuple[Any, Any]] = []
         replaced = []
         for key, entry in upserts.items():
             rev, self._next_rev = self._next_rev, self._next_rev + 1
@@ -238,10 +246,13 @@ class SockLbKernel:
             if previous is not None:
                 replaced.append((previous.rev, previous.count))
             entries.append((fkey, frontends.Leaf(rev, len(entry.slots), entry.flags, entry.affinity)))
+            if entry.service:
+                name_items.append((fkey, names.Leaf(entry.service.encode()[: NAME_SIZE - 1])))
         # Every new slot before any entry that points at it; old slots only once nothing points at them.
         _update(slots, slot_items)
         _update(frontends, entries)
-        writes = len(slot_items) + len(entries)
+        _update(names, name_items)
+        writes = len(slot_items) + len(entries) + len(name_items)
         for rev, count in replaced:
             writes += self._delete_slots(slots, rev, count)
         for key in deletes:
@@ -249,8 +260,9 @@ class SockLbKernel:
             previous = frontends.get(fkey)
             with contextlib.suppress(KeyError):
                 del frontends[fkey]
-            with contextlib.suppress(KeyError):
-                del counters[fkey]
+            for table in (counters, names):
+                with contextlib.suppress(KeyError):
+                    del table[fkey]
             if previous is not None:
                 writes += 1 + self._delete_slots(slots, previous.rev, previous.count)
         return writes
@@ -344,3 +356,151 @@ def detach_and_unpin(cgroup: str, pin_path: str) -> list[str]:
     shutil.rmtree(pin_path, ignore_errors=True)
     log.info("eBPF programs detached and unpinned", cgroup=cgroup, pin_path=pin_path, detached=detached)
     return detached
+
+
+# The layout of bpf/lb_common.h, for reading the pinned maps without compiling the programs (`kproxyd explain`).
+class _FrontendKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32 * 4),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class _Frontend(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("rev", "count", "flags", "affinity")]
+
+
+class _SlotKey(ctypes.Structure):
+    _fields_ = [("rev", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class _Backend(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class _Counter(ctypes.Structure):
+    _fields_ = [("connections", ctypes.c_uint64), ("packets", ctypes.c_uint64)]
+
+
+class _ServiceName(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * NAME_SIZE)]
+
+
+class _SourcePrefix(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class PinnedMap:
+    """One pinned map opened by path, read through bcc's libbcc (lookups and key iteration, no compile)."""
+
+    def __init__(self, path: str, key: type[ctypes.Structure], value: type[Any], per_cpu: bool = False) -> None:
+        """Open it; OSError when it is not there or its key or value size is not the layout's."""
+        from bcc.libbcc import lib
+        from bcc.utils import get_possible_cpus
+
+        self._key, self._value, self._lib = key, value, lib
+        self._cpus = len(get_possible_cpus()) if per_cpu else 1
+        self.fd = lib.bpf_obj_get(path.encode())
+        if self.fd < 0:
+            raise OSError(f"cannot open the pinned map {path}")
+        info, size = _MapInfo(), ctypes.c_uint32(ctypes.sizeof(_MapInfo))
+        lib.bpf_obj_get_info(self.fd, ctypes.byref(info), ctypes.byref(size))
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            self.close()
+            raise OSError(f"{path} has another layout than bpf/lb_common.h's (a daemon of another version?)")
+
+    def get(self, key: ctypes.Structure) -> Any:
+        """The value at key (a list of per-CPU values for a per-CPU map), None when there is none."""
+        value = (self._value * self._cpus)()
+        if self._lib.bpf_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value)) != 0:
+            return None
+        return list(value) if self._cpus > 1 else value[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every key."""
+        key, following = self._key(), self._key()
+        previous: Any = None  # NULL: the first key
+        while self._lib.bpf_get_next_key(self.fd, previous, ctypes.byref(following)) == 0:
+            ctypes.memmove(ctypes.byref(key), ctypes.byref(following), ctypes.sizeof(key))
+            previous = ctypes.byref(key)
+            yield self._key.from_buffer_copy(key)
+
+    def close(self) -> None:
+        """Close the map's file descriptor."""
+        os.close(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedFrontend:
+    """One frontend as the pinned maps hold it, with its slots read and its connections counted so far."""
+
+    rev: int
+    entry: FrontendEntry
+    connections: int
+
+
+class PinnedFrontends:
+    """One program's pinned frontend maps (the socket load balancer's, or with prefix "tc_" tc's), read-only."""
+
+    def __init__(self, pin_path: str, prefix: str = "") -> None:
+        """Open frontends, slots, counters and (when pinned: a daemon of an earlier version has none) names."""
+        base = os.path.join(pin_path, prefix)
+        self._maps = {
+            "frontends": PinnedMap(base + "frontends", _FrontendKey, _Frontend),
+            "slots": PinnedMap(base + "slots", _SlotKey, _Backend),
+            "counters": PinnedMap(base + "counters", _FrontendKey, _Counter, per_cpu=True),
+        }
+        if os.path.exists(base + "names"):
+            self._maps["names"] = PinnedMap(base + "names", _FrontendKey, _ServiceName)
+        self._base = base
+
+    def frontend(self, key: FrontendKey) -> PinnedFrontend | None:
+        """The frontend at key (port 0, protocol TCP: a cluster IP's address entry), None when there is none."""
+        fkey = _pinned_key(key)
+        found = self._maps["frontends"].get(fkey)
+        if found is None:
+            return None
+        slots = []
+        for i in range(found.count):
+            backend = self._maps["slots"].get(_SlotKey(found.rev, i))
+            slots.append(
+                (_ip_text(backend.addr), socket.ntohs(backend.port)) if backend is not None else ("::", 0)
+            )
+        counts = self._maps["counters"].get(fkey) or []
+        connections = sum(cpu.connections + cpu.packets for cpu in counts)
+        entry = FrontendEntry(tuple(slots), found.flags, found.affinity, self._name(fkey))
+        return PinnedFrontend(found.rev, entry, connections)
+
+    def service_at(self, ip: str) -> str:
+        """The Service ("ns/name") of a frontend at ip, "" when none is named (scans the names map)."""
+        names = self._maps.get("names")
+        wanted = tuple(_ip(ip))
+        for key in names if names is not None else ():
+            if tuple(key.addr) == wanted:
+                return self._name(key).split(":")[0]
+        return ""
+
+    def pod_sources(self) -> tuple[str, ...]:
+        """tc's pod-source prefixes (tc_pod_sources), IPv4 CIDRs."""
+        sources = PinnedMap(self._base + "pod_sources", _SourcePrefix, ctypes.c_uint8)
+        try:
+            return tuple(f"{socket.inet_ntoa(struct.pack('<I', k.addr))}/{k.prefixlen}" for k in sources)
+        finally:
+            sources.close()
+
+    def _name(self, key: ctypes.Structure) -> str:
+        names = self._maps.get("names")
+        found = names.get(key) if names is not None else None
+        return found.name.decode(errors="replace") if found is not None else ""
+
+    def close(self) -> None:
+        """Close the maps."""
+        for pinned in self._maps.values():
+            pinned.close()
+
+
+def _pinned_key(key: FrontendKey) -> _FrontendKey:
+    proto = _PROTOCOLS[key.protocol] if key.port else 0
+    return _FrontendKey((ctypes.c_uint32 * 4)(*_ip(key.ip)), socket.htons(key.port), proto, 0)

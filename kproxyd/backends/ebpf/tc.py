@@ -37,7 +37,7 @@ FILTER_NAME = "kproxyd_tc_nat"
 PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress / egress
 BPF_PROG_TYPE_SCHED_CLS = 3
 MAP_PREFIX = "tc_"  # pinned next to the socket load balancer's maps, as tc_<name>
-MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs", "pod_sources")
+MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs", "pod_sources", "names")
 
 
 def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
