@@ -15,6 +15,7 @@
 #include "lb_common.h"  // F_NO_ENDPOINTS is never written here (those frontends stay with nftables); Maglev
                         // hashes the client address and port
 #define F_SNAT 4  // externalTrafficPolicy Cluster: masquerade to the node's address
+#define F_POD_SOURCES 8  // leave new flows from pod sources to the stack (plan.py's short_circuit_local_sources)
 
 #define R_INGRESS 1  // reverse entry of a masqueraded flow: the reply comes to the node, translate at ingress
 #define N_CLOSING 8  // a FIN or RST went this way: the entry expires soon (F_SNAT is 4)
@@ -274,7 +275,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, str
     if (!fe || (fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
         return 0;
     struct source_prefix source = {.prefixlen = 32, .addr = p->flow.saddr};
-    if (!(fe->flags & F_SNAT) && pod_sources.lookup(&source))
+    if ((fe->flags & F_POD_SOURCES) && pod_sources.lookup(&source))
         return 0;
     struct backend *be = pick(p, &fk, fe);
     if (!be)

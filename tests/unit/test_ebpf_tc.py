@@ -27,11 +27,13 @@ def test_cluster_policy_node_port_masquerades_to_every_endpoint() -> None:
 
 
 def test_local_policy_keeps_the_client_and_picks_local_endpoints() -> None:
+    """No SNAT; new flows from pod sources go to nftables, as the plan short-circuits them (kube-proxy's)."""
     port = svc(spn(), "10.96.0.10", node_port=30080, external_policy_local=True)
     endpoints = [*eps("10.0.1.2", node="node1"), *eps("10.0.2.3", node="node2")]
     plan = plans((port, endpoints))[port.name]
+    assert plan.short_circuit_local_sources
     assert tc.plan_image(plan, NODE_IPS[:1], "random") == {
-        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),))
+        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),), tc.F_POD_SOURCES)
     }
 
 

@@ -30,6 +30,7 @@ from kproxyd.plan import ServicePlan
 log = structlog.get_logger(__name__)
 
 F_SNAT = 4  # must match bpf/tc_nat.c
+F_POD_SOURCES = 8
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "tc_nat.c"
 PRIORITY = 0x4B50  # our filters' priority on each interface ("KP"): found and replaced or deleted by it
 HANDLE = 1
@@ -50,11 +51,12 @@ def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKe
 
 def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Image:
     """The tc frontends of one IPv4 plan: its external endpoints; masqueraded unless externalTrafficPolicy
-    Local.
+    Local; new flows from pod sources left to nftables where the plan short-circuits them.
     """
     if not tc_serves(plan):
         return {}
     flags = 0 if plan.port.external_policy_local else F_SNAT
+    flags |= F_POD_SOURCES if plan.short_circuit_local_sources else 0
     entry = endpoints_entry(plan, plan.external_endpoints, algorithm, flags)
     return dict.fromkeys(external_keys(plan, node_ips), entry)
 
