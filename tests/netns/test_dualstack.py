@@ -7,6 +7,7 @@ families when the kernel has IPv6, as kube-proxy's dual-stack mode does.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
-from tests.netns.expect import assert_served_by_tc, refused_error, wait_for_dataplane
+from tests.netns.expect import assert_served_by_tc, refused_error, tc_connections, wait_for_dataplane
 
 BACKENDS = {"backend-0", "backend-1"}
 ON_NODE = {"node1": "backend-0", "node2": "backend-1"}
@@ -147,6 +148,32 @@ def test_ipv6_local_policy_node_port_keeps_the_client(cluster: LabCluster, node:
     assert {r.pod for r in got} == {ON_NODE[node]}
     assert {r.source_ip for r in got} == {cluster.net.host("ext").ip6}
     served_by_tc(cluster, node, ip, port)
+
+
+PADDING_DSTOPTS = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # a destination options header holding one PadN option
+
+
+def test_ipv6_with_an_extension_header_is_left_to_the_nftables_fallback(cluster: LabCluster) -> None:
+    """ebpf mode: tc does not walk IPv6 extension headers; such a connection is the fallback's (its conntrack
+    entry on the node), not counted by tc, and served all the same.
+    """
+    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("the tc programs are ebpf mode's")
+    ip, port = cluster.net.node("node1").ip6, node_port(cluster, "dual")
+    frontend = f"[{ip}]:{port}/TCP"
+    before = tc_connections(cluster, "node1").get(frontend, 0)
+    with cluster.net.socket("ext", socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, PADDING_DSTOPTS)
+        sock.settimeout(5)
+        sock.connect((ip, port))
+        sock.sendall(b"HELLO\n")
+        assert sock.recv(4096).split()[0].decode() in BACKENDS
+        source_port = sock.getsockname()[1]
+        tracked = cluster.net.exec(
+            "node1", ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--sport", str(source_port)], check=False
+        ).stdout
+    assert f"dport={port}" in tracked, tracked
+    assert tc_connections(cluster, "node1").get(frontend, 0) == before
 
 
 def test_ipv6_local_policy_node_port_from_a_pod_reaches_every_endpoint(cluster: LabCluster) -> None:

@@ -100,8 +100,8 @@ Addresses = dict[int, str]  # IP family (4 or 6) → an interface's address of t
 
 
 def interfaces() -> dict[int, Addresses]:
-    """ifindex → the first IPv4 and the first global IPv6 address of every interface of this network namespace
-    that has either, loopback and link-local addresses left out.
+    """ifindex → the first IPv4 and the first global-scope IPv6 address of every interface of this network
+    namespace that has either, loopback addresses (and IPv6 link-local ones) left out.
     """
     from pyroute2 import IPRoute
 
@@ -110,7 +110,7 @@ def interfaces() -> dict[int, Addresses]:
         for msg in ipr.get_addr():
             address = str(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
             family = 6 if msg["family"] == socket.AF_INET6 else 4
-            if msg["scope"] == 0 and not ipaddress.ip_address(address).is_loopback:  # RT_SCOPE_UNIVERSE
+            if (family == 4 or msg["scope"] == 0) and not ipaddress.ip_address(address).is_loopback:
                 out.setdefault(int(msg["index"]), {}).setdefault(family, address)
     return out
 
