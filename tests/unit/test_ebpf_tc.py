@@ -165,7 +165,7 @@ def test_ipv6_plan_frontends_on_ipv6_node_ips() -> None:
 
 
 def test_ipv6_node_port_addresses() -> None:
-    local = ["::1", "fd00:28::11", "fd00:244:1::1"]
+    local = ["::1", "fd00:28::11", "fe80::1", "fd00:244:1::1"]  # link-local: the fallback's
     assert tc.node_port_ips(ProxyConfig(), NODE, local, 6) == ("fd00:28::11", "fd00:244:1::1")
     only_lan = ProxyConfig(nodeport_addresses=("172.28.0.0/24", "fd00:28::/64"))
     assert tc.node_port_ips(only_lan, NODE, local, 6) == ("fd00:28::11",)

@@ -76,12 +76,14 @@ def pod_source_cidrs(detector: LocalTrafficDetector | None, family: int = 4) -> 
 
 
 def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str], family: int = 4) -> tuple[str, ...]:
-    """One family's addresses node ports answer on (--nodeport-addresses among the local ones, else every
-    local one), never loopback.
+    """One family's addresses node ports answer on in tc (--nodeport-addresses among the local ones, else
+    every local one), never loopback; nor IPv6 link-local addresses, one per pod's veth: their node ports
+    stay with the nftables fallback rather than cost a frontend per pod and Service.
     """
     chosen = nodeport_ips(config.nodeport_addresses, node, local, family)
     ips = local if chosen is None else [cidr.split("/")[0] for cidr in chosen]
-    return tuple(ip for ip in ips if not ipaddress.ip_address(ip).is_loopback)
+    parsed = [ipaddress.ip_address(ip) for ip in ips]
+    return tuple(str(ip) for ip in parsed if not (ip.is_loopback or (ip.version == 6 and ip.is_link_local)))
 
 
 def prefix_key(cidr: str) -> tuple[int, tuple[int, ...]]:
