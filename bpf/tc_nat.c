@@ -78,7 +78,8 @@ struct ifaddr_key {
 struct ifaddr {
     u32 addr[4];  // network order; IPv4 IPv4-mapped
 };
-BPF_TABLE_PINNED("hash", struct ifaddr_key, struct ifaddr, ifaddrs, 4096, "PIN_DIR/tc_ifaddrs", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ifaddr_key, struct ifaddr, ifaddrs, 4096, "PIN_DIR/tc_ifaddrs",
+                 BPF_F_NO_PREALLOC);
 // Pod sources (kube-proxy's local-traffic detector): their new flows to an externalTrafficPolicy Local
 // frontend are left to the nftables fallback, which sends pod traffic to every endpoint as kube-proxy does.
 struct source_prefix {
@@ -297,7 +298,8 @@ static __always_inline struct backend *pick(struct packet *p, struct frontend_ke
 static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, struct nat *fwd,
                                       struct nat *rev) {
     struct bpf_fib_lookup fib;
-    struct ifaddr_key k = {.ifindex = route(skb, p, p->flow.saddr, fwd->to.daddr, &fib), .family = p->v6 ? 6 : 4};
+    struct ifaddr_key k = {.ifindex = route(skb, p, p->flow.saddr, fwd->to.daddr, &fib),
+                           .family = p->v6 ? 6 : 4};
     struct ifaddr *addr = k.ifindex ? ifaddrs.lookup(&k) : 0;
     if (!addr) {
         k.ifindex = skb->ingress_ifindex;
