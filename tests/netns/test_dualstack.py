@@ -150,6 +150,17 @@ def test_ipv6_local_policy_node_port_keeps_the_client(cluster: LabCluster, node:
     served_by_tc(cluster, node, ip, port)
 
 
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_ipv6_node_port_from_a_pod(cluster: LabCluster, node: str) -> None:
+    """A pod to its own node's node port (tc at the pod bridge's ingress, hairpin to a pod on that bridge)
+    and to the other node's (tc at that node's LAN interface).
+    """
+    ip, port = cluster.net.node(node).ip6, node_port(cluster, "dual")
+    assert {r.pod for r in replies(cluster, "client1", ip, port)} == BACKENDS
+    if cluster.mode == "ebpf":  # type: ignore[attr-defined]
+        assert_served_by_tc(cluster, "client1", node, ip, port)
+
+
 PADDING_DSTOPTS = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # a destination options header holding one PadN option
 
 

@@ -95,14 +95,15 @@ class FakeTcKernel(FakeKernel):
 
     local: list[str] = field(default_factory=lambda: ["172.28.0.11", "fd00:28::11"])
     attaches: int = 0
-    removed: bool = False
+    removes: int = 0
+    failed: bool = False
     pod_sources: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def attach_interfaces(self) -> None:
         self.attaches += 1
 
     def remove(self) -> None:
-        self.removed = True
+        self.removes += 1
 
     def local_addresses(self, family: int = 4) -> list[str]:
         return [ip for ip in self.local if img.family_of(ip) == family]
@@ -136,10 +137,14 @@ def test_a_tc_program_that_cannot_load_leaves_external_traffic_to_nftables() -> 
             raise OSError("no clsact here")
 
     broken = Broken()
-    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), tc_kernel=broken)  # type: ignore[arg-type]
+    sockets = FakeKernel()
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, tc_kernel=broken)  # type: ignore[arg-type]
+    v6 = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, 6, broken)  # type: ignore[arg-type]
     web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
     backend.apply(plans((web, eps("10.0.1.2"))), None, NODE)  # no exception: the fallback has it all
-    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removed
+    v6.apply({}, None, NODE)  # the other family does not compile again
+    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removes == 1
+    assert backend._tc is None and v6._tc is None
 
 
 def test_both_families_share_one_tc_kernel() -> None:

@@ -197,15 +197,19 @@ class EbpfBackend:
             raise
 
     def _load_tc(self, kernel: tc.TcKernel) -> bool:
-        """Load the tc programs; False (and tc off for this backend, its maps unpinned) when they cannot run."""
-        try:
-            kernel.load()
-        except Exception:
-            log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
-            kernel.remove()
-            self._tc = None
-            return False
-        return True
+        """Load the tc programs; False (and tc off for this backend, its maps unpinned) when they cannot run,
+        found here or by the other family's backend before (no second compile).
+        """
+        if not kernel.failed:
+            try:
+                kernel.load()
+                return True
+            except Exception:
+                log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
+                kernel.failed = True
+                kernel.remove()
+        self._tc = None
+        return False
 
     def _replace_tc_ports(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node: NodeInfo

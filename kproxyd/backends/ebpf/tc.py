@@ -135,6 +135,7 @@ class TcKernel(SockLbKernel):
         super().__init__("", pin_path)
         self._fds: dict[str, int] = {}
         self._attached: dict[int, Addresses] = {}
+        self.failed = False  # a load failed: tc stays off in this process (both families' backends)
 
     def load(self) -> None:
         """Compile and load the programs (creating or reusing the pinned maps, recreating those of an earlier
