@@ -152,12 +152,14 @@ def test_ipv6_local_policy_node_port_keeps_the_client(cluster: LabCluster, node:
 
 @pytest.mark.parametrize("node", ["node1", "node2"])
 def test_ipv6_node_port_from_a_pod(cluster: LabCluster, node: str) -> None:
-    """A pod to its own node's node port (tc at the pod bridge's ingress, hairpin to a pod on that bridge)
-    and to the other node's (tc at that node's LAN interface).
+    """A pod to the other node's node port (ebpf: tc at that node's LAN interface) and to its own node's. The
+    latter is nftables' in ebpf mode too: with bridge-nf-call-ip6tables=1 (the lab's, as most bridge CNIs')
+    br_netfilter runs the fallback's prerouting DNAT as the packet enters the pod bridge, before the bridge
+    device's tc ingress sees it (IPv4 alike).
     """
     ip, port = cluster.net.node(node).ip6, node_port(cluster, "dual")
     assert {r.pod for r in replies(cluster, "client1", ip, port)} == BACKENDS
-    if cluster.mode == "ebpf":  # type: ignore[attr-defined]
+    if cluster.mode == "ebpf" and node == "node2":  # type: ignore[attr-defined]
         assert_served_by_tc(cluster, "client1", node, ip, port)
 
 
