@@ -1,20 +1,23 @@
-// kproxyd external frontends (IPv4): node ports, external IPs and load-balancer IPs arriving from the network,
-// translated at tc ingress of the node's interfaces with a BPF connection table (no netfilter involved).
+// kproxyd external frontends (IPv4 and IPv6): node ports, external IPs and load-balancer IPs arriving from the
+// network, translated at tc ingress of the node's interfaces with a BPF connection table (no netfilter involved).
 // externalTrafficPolicy Cluster (F_SNAT): DNAT to any endpoint and SNAT to the node address of the interface
 // towards it; the packets of such a flow, both ways, are redirected (bpf_redirect_neigh) past the IP stack.
 // Local: DNAT only, the client address is kept; the stack routes it, and the reply is translated back at tc
 // egress. Compiled by bcc; the loader substitutes the pin directory. Maps are pinned: a restart keeps flows.
 // The frontend and slot maps have bpf/sock_lb.c's layout (the loader writes both alike): 16-byte addresses,
-// IPv4 ones IPv4-mapped (::ffff:a.b.c.d), so a key is built from a packet's IPv4 address as such.
+// IPv4 ones IPv4-mapped (::ffff:a.b.c.d); every address here is held so (connection table, interface addresses,
+// pod sources): only parsing, the header rewrite and the route lookup look at a packet's family.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "lb_common.h"  // F_NO_ENDPOINTS is never written here (those frontends stay with nftables); Maglev
                         // hashes the client address and port
 #define F_SNAT 4  // externalTrafficPolicy Cluster: masquerade to the node's address
+#define F_POD_SOURCES 8  // leave new flows from pod sources to the stack (plan.py's short_circuit_local_sources)
 
 #define R_INGRESS 1  // reverse entry of a masqueraded flow: the reply comes to the node, translate at ingress
 #define N_CLOSING 8  // a FIN or RST went this way: the entry expires soon (F_SNAT is 4)
@@ -35,10 +38,13 @@
 #define SNAT_PORTS 28976
 #define SNAT_TRIES 16
 
-// A packet's addresses and ports as it travels (network order).
+#define AF_INET 2
+#define AF_INET6 10
+
+// A packet's addresses and ports as it travels (network order; IPv4 addresses IPv4-mapped).
 struct flow {
-    u32 saddr;
-    u32 daddr;
+    u32 saddr[4];
+    u32 daddr[4];
     u16 sport;
     u16 dport;
     u8 proto;
@@ -52,7 +58,7 @@ struct nat {
 };
 
 struct affinity_key {
-    u32 client;
+    u32 client[4];
     struct frontend_key frontend;
 };
 
@@ -66,13 +72,21 @@ BPF_TABLE_PINNED("hash", struct frontend_key, struct service_name, names, 131072
 BPF_TABLE_PINNED("lru_hash", struct flow, struct nat, conns, 262144, "PIN_DIR/tc_conns", 0);
 BPF_TABLE_PINNED("lru_hash", struct flow, struct nat, replies, 262144, "PIN_DIR/tc_replies", 0);
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, 65536, "PIN_DIR/tc_affinity", 0);
-// ifindex -> the interface's IPv4 address (network order): the masquerade source towards that interface.
-BPF_TABLE_PINNED("hash", u32, u32, ifaddrs, 4096, "PIN_DIR/tc_ifaddrs", BPF_F_NO_PREALLOC);
+// (ifindex, 4 or 6) -> the interface's address of that family: the masquerade source towards that interface.
+struct ifaddr_key {
+    u32 ifindex;
+    u32 family;
+};
+struct ifaddr {
+    u32 addr[4];  // network order; IPv4 IPv4-mapped
+};
+BPF_TABLE_PINNED("hash", struct ifaddr_key, struct ifaddr, ifaddrs, 4096, "PIN_DIR/tc_ifaddrs",
+                 BPF_F_NO_PREALLOC);
 // Pod sources (kube-proxy's local-traffic detector): their new flows to an externalTrafficPolicy Local
 // frontend are left to the nftables fallback, which sends pod traffic to every endpoint as kube-proxy does.
 struct source_prefix {
-    u32 prefixlen;
-    u32 addr;  // network order
+    u32 prefixlen;  // an IPv4 prefix as its IPv4-mapped one: 96 + its length
+    u32 addr[4];    // network order
 };
 BPF_TABLE_PINNED("lpm_trie", struct source_prefix, u8, pod_sources, 256, "PIN_DIR/tc_pod_sources",
                  BPF_F_NO_PREALLOC);
@@ -84,33 +98,52 @@ struct packet {
     struct flow flow;
     u32 l3;  // offset of the IP header
     u32 l4;  // offset of the TCP/UDP header
+    u8 v6;   // an IPv6 packet
     u8 tcp_flags;
 };
 
-// 0: an unfragmented IPv4 TCP/UDP packet, parsed into p; -1: something else (left alone).
-static __always_inline int parse(struct __sk_buff *skb, struct packet *p) {
-    if (skb->protocol != __constant_htons(ETH_P_IP))
-        return -1;
+// The IPv4 header: addresses (IPv4-mapped), protocol, where L4 starts. -1: a fragment (later ones have no ports).
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *p) {
     struct iphdr ip;
-    p->l3 = ETH_HLEN;
+    if (bpf_skb_load_bytes(skb, p->l3, &ip, sizeof(ip)) < 0 || (ip.frag_off & __constant_htons(0x3fff)))
+        return -1;
+    p->flow.saddr[2] = p->flow.daddr[2] = V4_MAPPED;
+    p->flow.saddr[3] = ip.saddr;
+    p->flow.daddr[3] = ip.daddr;
+    p->flow.proto = ip.protocol;
+    p->l4 = p->l3 + ip.ihl * 4;
+    return 0;
+}
+
+// The IPv6 header. Extension headers are not walked: a packet with any (a fragment header included) has a
+// next header other than TCP or UDP and is left to the stack, i.e. to the nftables fallback.
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct packet *p) {
+    struct ipv6hdr ip;
     if (bpf_skb_load_bytes(skb, p->l3, &ip, sizeof(ip)) < 0)
         return -1;
-    if (ip.frag_off & __constant_htons(0x3fff))  // fragments: not translated (no ports in later ones)
+    __builtin_memcpy(p->flow.saddr, &ip.saddr, sizeof(p->flow.saddr));
+    __builtin_memcpy(p->flow.daddr, &ip.daddr, sizeof(p->flow.daddr));
+    p->flow.proto = ip.nexthdr;
+    p->l4 = p->l3 + sizeof(ip);
+    p->v6 = 1;
+    return 0;
+}
+
+// 0: an IPv4 or IPv6 TCP/UDP packet with ports, parsed into p; -1: something else (left alone).
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p) {
+    __builtin_memset(p, 0, sizeof(*p));
+    p->l3 = ETH_HLEN;
+    int parsed = skb->protocol == __constant_htons(ETH_P_IP)     ? parse_ipv4(skb, p)
+                 : skb->protocol == __constant_htons(ETH_P_IPV6) ? parse_ipv6(skb, p)
+                                                                 : -1;
+    if (parsed < 0 || (p->flow.proto != IPPROTO_TCP && p->flow.proto != IPPROTO_UDP))
         return -1;
-    if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
-        return -1;
-    p->l4 = p->l3 + ip.ihl * 4;
     u16 ports[2];
     if (bpf_skb_load_bytes(skb, p->l4, ports, sizeof(ports)) < 0)
         return -1;
-    __builtin_memset(&p->flow, 0, sizeof(p->flow));
-    p->flow.saddr = ip.saddr;
-    p->flow.daddr = ip.daddr;
     p->flow.sport = ports[0];
     p->flow.dport = ports[1];
-    p->flow.proto = ip.protocol;
-    p->tcp_flags = 0;
-    if (ip.protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, p->l4 + 13, &p->tcp_flags, 1) < 0)
+    if (p->flow.proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, p->l4 + 13, &p->tcp_flags, 1) < 0)
         return -1;
     return 0;
 }
@@ -131,8 +164,8 @@ static __always_inline void seen(struct nat *n, struct packet *p) {
 // The connection-table key of the flow a reply entry belongs to (client -> frontend).
 static __always_inline void original_of(struct nat *rev, u8 proto, struct flow *out) {
     __builtin_memset(out, 0, sizeof(*out));
-    out->saddr = rev->to.daddr;
-    out->daddr = rev->to.saddr;
+    __builtin_memcpy(out->saddr, rev->to.daddr, sizeof(out->saddr));
+    __builtin_memcpy(out->daddr, rev->to.saddr, sizeof(out->daddr));
     out->sport = rev->to.dport;
     out->dport = rev->to.sport;
     out->proto = proto;
@@ -152,14 +185,21 @@ static __always_inline int claim(struct flow *reply, struct nat *rev, u64 now) {
     return replies.insert(reply, rev) == 0;
 }
 
-static __always_inline void rewrite_addr(struct __sk_buff *skb, struct packet *p, u32 off, u32 old, u32 new,
+// One address in the IP header at off (IPv4: its 4 bytes, the mapped address's last word; IPv6: all 16),
+// word by word: the L4 checksum covers it through the pseudo header; only IPv4 has a header checksum.
+static __always_inline void rewrite_addr(struct __sk_buff *skb, struct packet *p, u32 off, u32 *old, u32 *new,
                                          u32 csum) {
-    if (old == new)
-        return;
-    u64 flags = BPF_F_PSEUDO_HDR | sizeof(new) | (p->flow.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
-    bpf_l4_csum_replace(skb, p->l4 + csum, old, new, flags);
-    bpf_l3_csum_replace(skb, p->l3 + offsetof(struct iphdr, check), old, new, sizeof(new));
-    bpf_skb_store_bytes(skb, p->l3 + off, &new, sizeof(new), 0);
+    u64 flags = BPF_F_PSEUDO_HDR | sizeof(u32) | (p->flow.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+    int first = p->v6 ? 0 : 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (i < first || old[i] == new[i])
+            continue;
+        bpf_l4_csum_replace(skb, p->l4 + csum, old[i], new[i], flags);
+        if (!p->v6)
+            bpf_l3_csum_replace(skb, p->l3 + offsetof(struct iphdr, check), old[i], new[i], sizeof(u32));
+        bpf_skb_store_bytes(skb, p->l3 + off + (i - first) * sizeof(u32), &new[i], sizeof(u32), 0);
+    }
 }
 
 static __always_inline void rewrite_port(struct __sk_buff *skb, struct packet *p, u32 off, u16 old, u16 new,
@@ -173,18 +213,27 @@ static __always_inline void rewrite_port(struct __sk_buff *skb, struct packet *p
 
 static __always_inline void rewrite(struct __sk_buff *skb, struct packet *p, struct flow *to) {
     u32 csum = p->flow.proto == IPPROTO_TCP ? 16 : 6;  // the checksum's offset in the TCP / UDP header
-    rewrite_addr(skb, p, offsetof(struct iphdr, saddr), p->flow.saddr, to->saddr, csum);
-    rewrite_addr(skb, p, offsetof(struct iphdr, daddr), p->flow.daddr, to->daddr, csum);
+    u32 saddr = p->v6 ? offsetof(struct ipv6hdr, saddr) : offsetof(struct iphdr, saddr);
+    u32 daddr = p->v6 ? offsetof(struct ipv6hdr, daddr) : offsetof(struct iphdr, daddr);
+    rewrite_addr(skb, p, saddr, p->flow.saddr, to->saddr, csum);
+    rewrite_addr(skb, p, daddr, p->flow.daddr, to->daddr, csum);
     rewrite_port(skb, p, 0, p->flow.sport, to->sport, csum);
     rewrite_port(skb, p, 2, p->flow.dport, to->dport, csum);
 }
 
-// The interface the kernel would send a packet to daddr on (0: none, or a local address).
-static __always_inline u32 route(struct __sk_buff *skb, u32 saddr, u32 daddr, struct bpf_fib_lookup *fib) {
+// The interface the kernel would send a packet of p's family to daddr on (0: none, or a local address).
+static __always_inline u32 route(struct __sk_buff *skb, struct packet *p, u32 *saddr, u32 *daddr,
+                                 struct bpf_fib_lookup *fib) {
     __builtin_memset(fib, 0, sizeof(*fib));
-    fib->family = 2;  // AF_INET
-    fib->ipv4_src = saddr;
-    fib->ipv4_dst = daddr;
+    if (p->v6) {
+        fib->family = AF_INET6;
+        __builtin_memcpy(fib->ipv6_src, saddr, sizeof(fib->ipv6_src));
+        __builtin_memcpy(fib->ipv6_dst, daddr, sizeof(fib->ipv6_dst));
+    } else {
+        fib->family = AF_INET;
+        fib->ipv4_src = saddr[3];
+        fib->ipv4_dst = daddr[3];
+    }
     fib->ifindex = skb->ingress_ifindex;
     int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_DIRECT);
     return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ? fib->ifindex : 0;
@@ -192,20 +241,26 @@ static __always_inline u32 route(struct __sk_buff *skb, u32 saddr, u32 daddr, st
 
 // Send a translated packet on past the IP stack (its source may be one of the node's own addresses, which
 // the stack would drop as martian); the stack's own path when there is no route.
-static __always_inline int forward(struct __sk_buff *skb, struct flow *to) {
+static __always_inline int forward(struct __sk_buff *skb, struct packet *p, struct flow *to) {
     struct bpf_fib_lookup fib;
-    u32 ifindex = route(skb, to->saddr, to->daddr, &fib);
+    u32 ifindex = route(skb, p, to->saddr, to->daddr, &fib);
     return ifindex ? redirect_neigh(ifindex, 0, 0, 0) : TC_ACT_OK;
 }
 
 static __always_inline u32 pick_slot(struct packet *p, struct frontend *fe) {
     if (!(fe->flags & F_MAGLEV))
         return bpf_get_prandom_u32() % fe->count;
-    u64 key = ((u64)p->flow.saddr << 16) | p->flow.sport;
+    u32 *s = p->flow.saddr;
+    u64 key = ((u64)(s[0] ^ s[1] ^ s[2] ^ s[3]) << 16) | p->flow.sport;
     key ^= key >> 33;
     key *= 0xff51afd7ed558ccdULL;
     key ^= key >> 33;
     return (u32)key % fe->count;
+}
+
+static __always_inline int same_backend(struct backend *a, struct backend *b) {
+    return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
+           a->addr[3] == b->addr[3] && a->port == b->port;
 }
 
 static __always_inline struct backend *affine(struct affinity_key *ak, struct frontend *fe) {
@@ -215,7 +270,7 @@ static __always_inline struct backend *affine(struct affinity_key *ak, struct fr
     for (u32 i = 0; i < 64 && i < fe->count; i++) {  // still an endpoint?
         struct slot_key sk = {.rev = fe->rev, .slot = i};
         struct backend *be = slots.lookup(&sk);
-        if (be && be->addr[3] == seen->backend.addr[3] && be->port == seen->backend.port) {  // all IPv4
+        if (be && same_backend(be, &seen->backend)) {
             seen->seen_ns = bpf_ktime_get_ns();
             return be;
         }
@@ -226,7 +281,7 @@ static __always_inline struct backend *affine(struct affinity_key *ak, struct fr
 static __always_inline struct backend *pick(struct packet *p, struct frontend_key *fk, struct frontend *fe) {
     struct affinity_key ak;
     __builtin_memset(&ak, 0, sizeof(ak));
-    ak.client = p->flow.saddr;
+    __builtin_memcpy(ak.client, p->flow.saddr, sizeof(ak.client));
     ak.frontend = *fk;
     struct backend *be = fe->affinity ? affine(&ak, fe) : 0;
     if (be)
@@ -245,16 +300,19 @@ static __always_inline struct backend *pick(struct packet *p, struct frontend_ke
 static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, struct nat *fwd,
                                       struct nat *rev) {
     struct bpf_fib_lookup fib;
-    u32 ifindex = route(skb, p->flow.saddr, fwd->to.daddr, &fib);
-    u32 *addr = ifindex ? ifaddrs.lookup(&ifindex) : 0;
+    struct ifaddr_key k = {.ifindex = route(skb, p, p->flow.saddr, fwd->to.daddr, &fib),
+                           .family = p->v6 ? 6 : 4};
+    struct ifaddr *addr = k.ifindex ? ifaddrs.lookup(&k) : 0;
     if (!addr) {
-        ifindex = skb->ingress_ifindex;
-        addr = ifaddrs.lookup(&ifindex);
+        k.ifindex = skb->ingress_ifindex;
+        addr = ifaddrs.lookup(&k);
     }
     if (!addr)
         return 0;
-    fwd->to.saddr = *addr;
-    struct flow reply = {.saddr = fwd->to.daddr, .daddr = *addr, .sport = fwd->to.dport, .proto = p->flow.proto};
+    __builtin_memcpy(fwd->to.saddr, addr->addr, sizeof(fwd->to.saddr));
+    struct flow reply = {.sport = fwd->to.dport, .proto = p->flow.proto};
+    __builtin_memcpy(reply.saddr, fwd->to.daddr, sizeof(reply.saddr));
+    __builtin_memcpy(reply.daddr, addr->addr, sizeof(reply.daddr));
     u64 now = bpf_ktime_get_ns();
     for (int i = 0; i < SNAT_TRIES; i++) {
         u16 port = SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORTS;
@@ -270,32 +328,35 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p, s
 // A new flow to a frontend: pick a backend, record both directions. 0: not ours (or nothing to pick); -1: no
 // free masquerade port (drop it, as nf_nat does: the client retransmits).
 static __always_inline int new_flow(struct __sk_buff *skb, struct packet *p, struct nat *fwd) {
-    struct frontend_key fk = {.addr = {0, 0, V4_MAPPED, p->flow.daddr}, .port = p->flow.dport,
-                              .proto = p->flow.proto};
+    struct frontend_key fk = {.port = p->flow.dport, .proto = p->flow.proto};
+    __builtin_memcpy(fk.addr, p->flow.daddr, sizeof(fk.addr));
     struct frontend *fe = frontends.lookup(&fk);
     if (!fe || (fe->flags & F_NO_ENDPOINTS) || fe->count == 0)
         return 0;
-    struct source_prefix source = {.prefixlen = 32, .addr = p->flow.saddr};
-    if (!(fe->flags & F_SNAT) && pod_sources.lookup(&source))
+    struct source_prefix source = {.prefixlen = 128};
+    __builtin_memcpy(source.addr, p->flow.saddr, sizeof(source.addr));
+    if ((fe->flags & F_POD_SOURCES) && pod_sources.lookup(&source))
         return 0;
     struct backend *be = pick(p, &fk, fe);
     if (!be)
         return 0;
     __builtin_memset(fwd, 0, sizeof(*fwd));
     fwd->to = p->flow;
-    fwd->to.daddr = be->addr[3];
+    __builtin_memcpy(fwd->to.daddr, be->addr, sizeof(fwd->to.daddr));
     fwd->to.dport = be->port;
     fwd->seen_ns = bpf_ktime_get_ns();
-    struct nat rev = {.to = {.saddr = p->flow.daddr, .daddr = p->flow.saddr, .sport = fk.port, .dport = p->flow.sport},
-                      .seen_ns = fwd->seen_ns};
+    struct nat rev = {.to = {.sport = fk.port, .dport = p->flow.sport}, .seen_ns = fwd->seen_ns};
+    __builtin_memcpy(rev.to.saddr, p->flow.daddr, sizeof(rev.to.saddr));
+    __builtin_memcpy(rev.to.daddr, p->flow.saddr, sizeof(rev.to.daddr));
     if (fe->flags & F_SNAT) {
         fwd->flags = F_SNAT;
         rev.flags = R_INGRESS;
         if (!masquerade(skb, p, fwd, &rev))
             return -1;
     } else {
-        struct flow reply = {.saddr = be->addr[3], .daddr = p->flow.saddr, .sport = be->port,
-                             .dport = p->flow.sport, .proto = p->flow.proto};
+        struct flow reply = {.sport = be->port, .dport = p->flow.sport, .proto = p->flow.proto};
+        __builtin_memcpy(reply.saddr, be->addr, sizeof(reply.saddr));
+        __builtin_memcpy(reply.daddr, p->flow.saddr, sizeof(reply.daddr));
         replies.update(&reply, &rev);
     }
     conns.update(&p->flow, fwd);
@@ -317,7 +378,7 @@ int tc_ingress(struct __sk_buff *skb) {
         seen(rev, &p);
         struct flow to = rev->to;
         rewrite(skb, &p, &to);
-        return forward(skb, &to);
+        return forward(skb, &p, &to);
     }
     struct nat fwd;
     struct nat *known = conns.lookup(&p.flow);
@@ -338,7 +399,7 @@ int tc_ingress(struct __sk_buff *skb) {
             return created < 0 ? TC_ACT_SHOT : TC_ACT_OK;
     }
     rewrite(skb, &p, &fwd.to);
-    return fwd.flags & F_SNAT ? forward(skb, &fwd.to) : TC_ACT_OK;
+    return fwd.flags & F_SNAT ? forward(skb, &p, &fwd.to) : TC_ACT_OK;
 }
 
 int tc_egress(struct __sk_buff *skb) {

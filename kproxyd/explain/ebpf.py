@@ -16,7 +16,7 @@ from typing import Protocol as Interface
 
 from kproxyd.backends.ebpf.image import F_MAGLEV, F_NO_ENDPOINTS, FrontendKey, address_key
 from kproxyd.backends.ebpf.kernel import PinnedFrontend
-from kproxyd.backends.ebpf.tc import F_SNAT
+from kproxyd.backends.ebpf.tc import F_POD_SOURCES, F_SNAT
 from kproxyd.explain.common import Explanation, Fate, Hop, Outcome, Packet, masquerade_reason, merge
 from kproxyd.model import Protocol
 
@@ -95,8 +95,6 @@ def _tc(
 ) -> Explanation | None:
     """tc ingress on the packet's interface; None: tc passes it on to the stack (and nftables)."""
     hook = f"tc_ingress {packet.iif}"
-    if ipaddress.ip_address(packet.dst).version != 4:
-        return None
     found = maps.frontend(key)
     if found is None:
         notes.append(Hop(TC, hook, f"tc_frontends: no {key}: passed on to the stack"))
@@ -105,7 +103,7 @@ def _tc(
     if entry.flags & F_NO_ENDPOINTS or not entry.slots:
         notes.append(Hop(TC, hook, f"tc_frontends[{key}]: no endpoints: passed on to the stack"))
         return None
-    if not entry.flags & F_SNAT and _in(packet.src, pod_sources):
+    if entry.flags & F_POD_SOURCES and _in(packet.src, pod_sources):
         note = f"tc_frontends[{key}]: externalTrafficPolicy Local and {packet.src} in tc_pod_sources: pods' new "
         notes.append(Hop(TC, hook, note + "flows are left to nftables"))
         return None

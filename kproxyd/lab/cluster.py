@@ -253,8 +253,9 @@ class LabCluster:
         self.store.update("Service", svc, part="status")
 
     def route_from_outside(self, cidr: str, node: str, host: str = "ext") -> None:
-        """Route cidr from an external host to a node (what a load balancer or router would do)."""
-        self.net.exec(host, ["ip", "route", "replace", cidr, "via", self.net.node(node).ip])
+        """Route cidr (IPv4 or IPv6) from an external host to a node (what a load balancer or router would do)."""
+        lab_node = self.net.node(node)
+        self.net.exec(host, ["ip", "route", "replace", cidr, "via", lab_node.ip6 if ":" in cidr else lab_node.ip])
 
     def add_external_client(self, name: str) -> str:
         """Another machine on the node network; returns its IP."""

@@ -46,11 +46,13 @@ def tc_connections(lab: LabCluster, node: str) -> dict[str, int]:
     return {frontend: int(float(value)) for frontend, value in found}
 
 
-def assert_served_by_tc(lab: LabCluster, src: str, node: str, ip: str, port: int) -> None:
-    """Connections from src to ip:port are counted by node's tc program (not left to the nftables fallback)."""
-    frontend = f"{ip}:{port}/TCP"
+def assert_served_by_tc(lab: LabCluster, src: str, node: str, ip: str, port: int, proto: str = "TCP") -> None:
+    """Flows from src to ip:port (IPv4 or IPv6) are counted by node's tc program (its tc_counters map: not
+    left to the nftables fallback).
+    """
+    frontend = f"[{ip}]:{port}/{proto}" if ":" in ip else f"{ip}:{port}/{proto}"
     before = tc_connections(lab, node).get(frontend, 0)
-    assert all(isinstance(r, Reply) for r in lab.answers(src, ip, port, count=5, timeout=1.0))
+    assert all(isinstance(r, Reply) for r in lab.answers(src, ip, port, proto, count=5, timeout=1.0))
     wait_until(
         lambda: tc_connections(lab, node).get(frontend, 0) >= before + 5, timeout=20, what=f"tc counted {frontend}"
     )

@@ -7,6 +7,7 @@ families when the kernel has IPv6, as kube-proxy's dual-stack mode does.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,11 @@ import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
-from tests.netns.expect import refused_error
+from tests.netns.expect import assert_served_by_tc, refused_error, tc_connections, wait_for_dataplane
 
 BACKENDS = {"backend-0", "backend-1"}
+ON_NODE = {"node1": "backend-0", "node2": "backend-1"}
+EXTERNAL_IP6 = "fd00:29::10"  # routed to node1 by the outside world
 
 
 def svc(name: str, app: str = "backend", **spec: Any) -> dict[str, Any]:
@@ -35,7 +38,9 @@ def svc(name: str, app: str = "backend", **spec: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cluster(lab: LabCluster) -> Iterator[LabCluster]:
-    """Backends on both nodes, a client pod on each, dual-stack, IPv6-only and empty Services."""
+    """Backends on both nodes, a client pod on each, dual-stack, IPv6-only and empty Services, an IPv6
+    external IP routed to node1.
+    """
     ports = [{"name": "http", "containerPort": 8080}, {"name": "udp", "containerPort": 8080, "protocol": "UDP"}]
     lab.add_pod("backend-0", "node1", {"app": "backend"}, ports=ports)
     lab.add_pod("backend-1", "node2", {"app": "backend"}, ports=ports)
@@ -46,8 +51,12 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     lab.create_service(svc("empty6", "nothing", ipFamilies=["IPv6"]))
     lab.create_service(svc("sticky6", ipFamilies=["IPv6"], sessionAffinity="ClientIP"))
     lab.create_service(svc("counted6", ipFamilies=["IPv6"]))  # only test_ipv6_cluster_ips_are_socket_balanced's
+    lab.create_service(svc("local6", ipFamilies=["IPv6"], type="NodePort", externalTrafficPolicy="Local"))
+    lab.create_service(svc("extip6", ipFamilies=["IPv6"], externalIPs=[EXTERNAL_IP6]))
+    lab.route_from_outside(f"{EXTERNAL_IP6}/128", "node1")
     for node in ("node1", "node2"):
         lab.start_proxy(node, [f"--proxy-mode={lab.mode}"])  # type: ignore[attr-defined]
+    wait_for_dataplane(lab, ("node1", "node2"))
     for src in ("client1", "client2"):
         wait_until(lambda s=src: answers_all(lab, s, ip6(lab, "only6")), timeout=30, what=f"IPv6 sync from {src}")
     yield lab
@@ -107,12 +116,92 @@ def test_ipv6_session_affinity(cluster: LabCluster, src: str) -> None:
     assert len({r.pod for r in replies(cluster, src, ip6(cluster, "sticky6"), 80)}) == 1
 
 
+def node_port(lab: LabCluster, name: str, port: str = "http") -> int:
+    return int(next(p["nodePort"] for p in lab.service(name)["spec"]["ports"] if p["name"] == port))
+
+
+def served_by_tc(lab: LabCluster, node: str, ip: str, port: int, proto: str = "TCP") -> None:
+    """ebpf mode: the external client's flows to ip:port are node's tc program's (its tc_counters)."""
+    if lab.mode == "ebpf":  # type: ignore[attr-defined]
+        assert_served_by_tc(lab, "ext", node, ip, port, proto)
+
+
+@pytest.mark.parametrize(("node", "proto"), [("node1", "TCP"), ("node2", "TCP"), ("node1", "UDP")])
+def test_ipv6_node_port_from_outside(cluster: LabCluster, node: str, proto: str) -> None:
+    """externalTrafficPolicy Cluster: masqueraded to the address of the interface towards the backend (the
+    pod bridge for a pod on this node, the LAN for the other node's).
+    """
+    lab_node = cluster.net.node(node)
+    port = node_port(cluster, "dual", "http" if proto == "TCP" else "udp")
+    got = replies(cluster, "ext", lab_node.ip6, port, proto)
+    assert {r.pod for r in got} == BACKENDS
+    local = ON_NODE[node]
+    assert {r.source_ip for r in got if r.pod == local} == {lab_node.pod_gateway6}
+    assert {r.source_ip for r in got if r.pod != local} == {lab_node.ip6}
+    served_by_tc(cluster, node, lab_node.ip6, port, proto)
+
+
 @pytest.mark.parametrize("node", ["node1", "node2"])
-def test_ipv6_node_port_from_outside(cluster: LabCluster, node: str) -> None:
-    port = next(p["nodePort"] for p in cluster.service("dual")["spec"]["ports"] if p["name"] == "http")
-    got = replies(cluster, "ext", cluster.net.node(node).ip6, port)
+def test_ipv6_local_policy_node_port_keeps_the_client(cluster: LabCluster, node: str) -> None:
+    ip, port = cluster.net.node(node).ip6, node_port(cluster, "local6")
+    got = replies(cluster, "ext", ip, port)
+    assert {r.pod for r in got} == {ON_NODE[node]}
+    assert {r.source_ip for r in got} == {cluster.net.host("ext").ip6}
+    served_by_tc(cluster, node, ip, port)
+
+
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_ipv6_node_port_from_a_pod(cluster: LabCluster, node: str) -> None:
+    """A pod to the other node's node port (ebpf: tc at that node's LAN interface) and to its own node's. The
+    latter is nftables' in ebpf mode too: with bridge-nf-call-ip6tables=1 (the lab's, as most bridge CNIs')
+    br_netfilter runs the fallback's prerouting DNAT as the packet enters the pod bridge, before the bridge
+    device's tc ingress sees it (IPv4 alike).
+    """
+    ip, port = cluster.net.node(node).ip6, node_port(cluster, "dual")
+    assert {r.pod for r in replies(cluster, "client1", ip, port)} == BACKENDS
+    if cluster.mode == "ebpf" and node == "node2":  # type: ignore[attr-defined]
+        assert_served_by_tc(cluster, "client1", node, ip, port)
+
+
+PADDING_DSTOPTS = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # a destination options header holding one PadN option
+
+
+def test_ipv6_with_an_extension_header_is_left_to_the_nftables_fallback(cluster: LabCluster) -> None:
+    """ebpf mode: tc does not walk IPv6 extension headers; such a connection is the fallback's (its conntrack
+    entry on the node), not counted by tc, and served all the same.
+    """
+    if cluster.mode != "ebpf":  # type: ignore[attr-defined]
+        pytest.skip("the tc programs are ebpf mode's")
+    ip, port = cluster.net.node("node1").ip6, node_port(cluster, "dual")
+    frontend = f"[{ip}]:{port}/TCP"
+    before = tc_connections(cluster, "node1").get(frontend, 0)
+    with cluster.net.socket("ext", socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, PADDING_DSTOPTS)
+        sock.settimeout(5)
+        sock.connect((ip, port))
+        sock.sendall(b"HELLO\n")
+        assert sock.recv(4096).split()[0].decode() in BACKENDS
+        source_port = sock.getsockname()[1]
+        tracked = cluster.net.exec(
+            "node1", ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--sport", str(source_port)], check=False
+        ).stdout
+    assert f"dport={port}" in tracked, tracked
+    assert tc_connections(cluster, "node1").get(frontend, 0) == before
+
+
+def test_ipv6_local_policy_node_port_from_a_pod_reaches_every_endpoint(cluster: LabCluster) -> None:
+    """Pods are short-circuited to the cluster-policy endpoints (kube-proxy's local-traffic detector); in
+    ebpf mode tc leaves the pod's flows (its IPv6 pod-source prefix) to the nftables fallback, which does that.
+    """
+    got = replies(cluster, "client1", cluster.net.node("node1").ip6, node_port(cluster, "local6"))
+    assert {r.pod for r in got} == BACKENDS
+
+
+def test_ipv6_external_ip_from_outside(cluster: LabCluster) -> None:
+    got = replies(cluster, "ext", EXTERNAL_IP6, 80)
     assert {r.pod for r in got} == BACKENDS
     assert cluster.net.host("ext").ip6 not in {r.source_ip for r in got}  # masqueraded
+    served_by_tc(cluster, "node1", EXTERNAL_IP6, 80)
 
 
 def test_ipv6_without_endpoints_is_refused(cluster: LabCluster) -> None:

@@ -1,6 +1,6 @@
 """The ebpf mode's own promises: its programs compile and load here, a restart under load drops nothing
 (pinned maps, programs replaced in place), Maglev keeps flows on their backend when another goes, and the
-tc program serves node ports from the network (TCP and UDP) and goes away with --cleanup.
+tc program serves node ports from the network (IPv4 and IPv6, TCP and UDP) and goes away with --cleanup.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def cluster() -> Iterator[LabCluster]:
         lab.add_pod("web-1", "node1", {"app": "web"}, ports=UDP)
         lab.add_pod("client", "node1", {"app": "client"})
         lab.create_service(svc("web", "web", ipFamilyPolicy="RequireDualStack"))
-        node_port = svc("web-np", "web", type="NodePort")
+        node_port = svc("web-np", "web", type="NodePort", ipFamilyPolicy="RequireDualStack")
         for port in node_port["spec"]["ports"]:
             port["nodePort"] = NODE_PORTS[port["name"]]
         lab.create_service(node_port)
@@ -148,14 +148,21 @@ def _answered(lab: LabCluster, ip: str, pods: set[str], src: str = "client", por
     return all(isinstance(r, Reply) for r in replies) and {r.pod for r in replies if isinstance(r, Reply)} == pods
 
 
-@pytest.mark.parametrize("via", ["cluster-ip", "node-port"])
+@pytest.mark.parametrize("via", ["cluster-ip", "node-port", "node-port-v6"])
 @pytest.mark.parametrize("sig", [15, 9], ids=["SIGTERM", "SIGKILL"])
 def test_restart_under_a_connection_loop_loses_nothing(cluster: LabCluster, sig: int, via: str) -> None:
-    """Through the socket load balancer from a pod, or through tc from outside (node port)."""
+    """Through the socket load balancer from a pod, or through tc from outside (node port, either family)."""
+    node = cluster.net.node("node1")
     src, ip, port, pin, attached_log = (
         ("client", _cluster_ip(cluster, "web"), 80, "frontends", ATTACHED)
         if via == "cluster-ip"
-        else ("ext", cluster.net.node("node1").ip, NODE_PORTS["http"], "tc_frontends", TC_ATTACHED)
+        else (
+            "ext",
+            node.ip6 if via == "node-port-v6" else node.ip,
+            NODE_PORTS["http"],
+            "tc_frontends",
+            TC_ATTACHED,
+        )
     )
     wait_until(lambda: _answered(cluster, ip, {"web-0", "web-1"}, src, port), timeout=30, what="web served")
     frontends = os.path.join(cluster.net.pin_path("node1"), pin)
@@ -244,12 +251,16 @@ def test_applications_see_the_service_address(cluster: LabCluster, kind: str) ->
     assert data.split()[0].decode() in {"web-0", "web-1"}
 
 
-def test_node_ports_from_outside_run_in_tc_tcp_and_udp(cluster: LabCluster) -> None:
-    node_ip = cluster.net.node("node1").ip
-    assert_served_by_tc(cluster, "ext", "node1", node_ip, NODE_PORTS["http"])
-    replies = [cluster.request("ext", node_ip, NODE_PORTS["dns"], "UDP", timeout=1.0) for _ in range(10)]
-    assert {r.pod for r in replies} == {"web-0", "web-1"}
-    assert {r.source_ip for r in replies} == {cluster.net.node("node1").pod_gateway}  # masqueraded (Cluster)
+@pytest.mark.parametrize("family", [4, 6], ids=["IPv4", "IPv6"])
+def test_node_ports_from_outside_run_in_tc_tcp_and_udp(cluster: LabCluster, family: int) -> None:
+    """Counted in tc's own counters (tc_counters), masqueraded to the pod bridge's address (Cluster policy)."""
+    node = cluster.net.node("node1")
+    node_ip, gateway = (node.ip, node.pod_gateway) if family == 4 else (node.ip6, node.pod_gateway6)
+    for proto, port in (("TCP", NODE_PORTS["http"]), ("UDP", NODE_PORTS["dns"])):
+        assert_served_by_tc(cluster, "ext", "node1", node_ip, port, proto)
+        replies = [cluster.request("ext", node_ip, port, proto, timeout=1.0) for _ in range(10)]
+        assert {r.pod for r in replies} == {"web-0", "web-1"}
+        assert {r.source_ip for r in replies} == {gateway}
 
 
 def test_cleanup_detaches_the_tc_programs(cluster: LabCluster) -> None:

@@ -27,11 +27,15 @@ def test_cluster_policy_node_port_masquerades_to_every_endpoint() -> None:
 
 
 def test_local_policy_keeps_the_client_and_picks_local_endpoints() -> None:
+    """No SNAT; new flows from pod sources go to nftables, as the plan short-circuits them (kube-proxy's)."""
     port = svc(spn(), "10.96.0.10", node_port=30080, external_policy_local=True)
     endpoints = [*eps("10.0.1.2", node="node1"), *eps("10.0.2.3", node="node2")]
     plan = plans((port, endpoints))[port.name]
+    assert plan.short_circuit_local_sources
     assert tc.plan_image(plan, NODE_IPS[:1], "random") == {
-        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry((("10.0.1.2", 80),), service=str(port.name))
+        img.FrontendKey("172.28.0.11", 30080, TCP): img.FrontendEntry(
+            (("10.0.1.2", 80),), tc.F_POD_SOURCES, service=str(port.name)
+        )
     }
 
 
@@ -91,22 +95,23 @@ def test_node_port_addresses() -> None:
 class FakeTcKernel(FakeKernel):
     """The tc maps as a dict, on fixed local addresses."""
 
-    local: list[str] = field(default_factory=lambda: ["172.28.0.11"])
+    local: list[str] = field(default_factory=lambda: ["172.28.0.11", "fd00:28::11"])
     attaches: int = 0
-    removed: bool = False
-    pod_sources: tuple[str, ...] = ()
+    removes: int = 0
+    failed: bool = False
+    pod_sources: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def attach_interfaces(self) -> None:
         self.attaches += 1
 
     def remove(self) -> None:
-        self.removed = True
+        self.removes += 1
 
-    def local_addresses(self) -> list[str]:
-        return self.local
+    def local_addresses(self, family: int = 4) -> list[str]:
+        return [ip for ip in self.local if img.family_of(ip) == family]
 
-    def set_pod_sources(self, cidrs: Sequence[str]) -> None:
-        self.pod_sources = tuple(cidrs)
+    def set_pod_sources(self, cidrs: Sequence[str], family: int = 4) -> None:
+        self.pod_sources[family] = tuple(cidrs)
 
 
 def test_backend_writes_tc_maps_full_and_partial_and_counts() -> None:
@@ -134,17 +139,74 @@ def test_a_tc_program_that_cannot_load_leaves_external_traffic_to_nftables() -> 
             raise OSError("no clsact here")
 
     broken = Broken()
-    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), tc_kernel=broken)  # type: ignore[arg-type]
+    sockets = FakeKernel()
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, tc_kernel=broken)  # type: ignore[arg-type]
+    v6 = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), sockets, 6, broken)  # type: ignore[arg-type]
     web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
     backend.apply(plans((web, eps("10.0.1.2"))), None, NODE)  # no exception: the fallback has it all
-    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removed
+    v6.apply({}, None, NODE)  # the other family does not compile again
+    assert broken.writes == [] and backend.tc_frontends() == {} and broken.removes == 1
+    assert backend._tc is None and v6._tc is None
 
 
-def test_only_the_ipv4_backend_runs_tc() -> None:
-    """An IPv6 plan's node port would be keyed on the IPv4 node IPs with IPv6 backends: tc is the v4 backend's."""
+def test_both_families_share_one_tc_kernel() -> None:
+    """One load and one slot revision counter for the one map set, as the socket load balancer's."""
     config = ProxyConfig(mode="ebpf", cgroup_root="/sys/fs/cgroup/kproxyd-unit", bpf_pin_path="/sys/fs/bpf/unit")
-    assert isinstance(EbpfBackend.for_config(config, 4)._tc, tc.TcKernel)
-    assert EbpfBackend.for_config(config, 6)._tc is None
+    v4, v6 = EbpfBackend.for_config(config, 4)._tc, EbpfBackend.for_config(config, 6)._tc
+    assert isinstance(v4, tc.TcKernel) and v4 is v6
+
+
+def test_ipv6_plan_frontends_on_ipv6_node_ips() -> None:
+    port = svc(spn(), "fd00:96::10", node_port=30080, external_ips=("fd00:29::5",))
+    plan = plans((port, eps("fd00:244:2::3", port=8080, node="node2")))[port.name]
+    entry = img.FrontendEntry((("fd00:244:2::3", 8080),), tc.F_SNAT)
+    assert tc.plan_image(plan, ("fd00:28::11",), "random") == {
+        img.FrontendKey("fd00:28::11", 30080, TCP): entry,
+        img.FrontendKey("fd00:29::5", 80, TCP): entry,
+    }
+    assert img.dataplane([plan], tc=True) == "ebpf(cluster-ip v6)+tc(external v6)+nftables(external from node)"
+    v4 = plans((svc(spn(), "10.96.0.10", node_port=30080), eps("10.0.1.2")))
+    assert img.dataplane([*v4.values(), plan], tc=True) == (
+        "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)"
+    )
+
+
+def test_ipv6_node_port_addresses() -> None:
+    local = ["::1", "fd00:28::11", "fe80::1", "fd00:244:1::1"]  # link-local: the fallback's
+    assert tc.node_port_ips(ProxyConfig(), NODE, local, 6) == ("fd00:28::11", "fd00:244:1::1")
+    only_lan = ProxyConfig(nodeport_addresses=("172.28.0.0/24", "fd00:28::/64"))
+    assert tc.node_port_ips(only_lan, NODE, local, 6) == ("fd00:28::11",)
+    only_v4 = ProxyConfig(nodeport_addresses=("172.28.0.0/24",))  # no IPv6 CIDR: every IPv6 address
+    assert tc.node_port_ips(only_v4, NODE, local, 6) == ("fd00:28::11", "fd00:244:1::1")
+
+
+def test_pod_source_prefixes_are_ipv4_mapped_in_one_trie() -> None:
+    assert tc.prefix_key("10.244.0.0/16") == (112, (0, 0, 0xFFFF0000, 0xF40A))
+    assert tc.prefix_key("fd00:244::/48") == (48, (0x440200FD, 0, 0, 0))  # fd 00 02 44 as a u32
+    bridge = LocalTrafficDetector(DetectLocalMode.BRIDGE_INTERFACE, interface="cbr0")
+    assert tc.pod_source_cidrs(bridge, 6) == ("::/0",)
+
+
+def test_the_two_families_full_syncs_keep_each_others_tc_frontends() -> None:
+    sockets, kernel = FakeKernel(), FakeTcKernel()
+    config = ProxyConfig(mode="ebpf", cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
+    v4 = EbpfBackend(config, FakeFallback(), sockets, 4, kernel)  # type: ignore[arg-type]
+    v6 = EbpfBackend(config, FakeFallback(), sockets, 6, kernel)  # type: ignore[arg-type]
+    web4 = plans((svc(spn(name="web"), "10.96.0.10", node_port=30080), eps("10.0.1.2")))
+    web6 = plans((svc(spn(name="web"), "fd00:96::10", node_port=30080), eps("fd00:244:1::2")))
+    for _ in range(2):
+        v4.apply(web4, None, NODE)
+        v6.apply(web6, None, NODE)
+    assert kernel.loads == 1
+    assert set(kernel.maps) == {img.FrontendKey(ip, 30080, TCP) for ip in ("172.28.0.11", "fd00:28::11")}
+    assert kernel.pod_sources == {4: ("10.244.0.0/16",), 6: ("fd00:244::/48",)}
+    v6.apply({}, None, NODE)  # the IPv6 Service went: only its frontend goes
+    assert set(kernel.maps) == {img.FrontendKey("172.28.0.11", 30080, TCP)}
+    kernel.invalidate()  # a reload (drift, failure): both reread their own family, then write what differs
+    v4.apply(web4, None, NODE)
+    v6.apply(web6, None, NODE)
+    assert kernel.loads == 2 and kernel.writes[-2] == ({}, [])
+    assert set(kernel.maps) == {img.FrontendKey(ip, 30080, TCP) for ip in ("172.28.0.11", "fd00:28::11")}
 
 
 def test_pod_sources_left_to_nftables_follow_the_local_traffic_detector() -> None:
@@ -157,4 +219,4 @@ def test_pod_sources_left_to_nftables_follow_the_local_traffic_detector() -> Non
     config = ProxyConfig(mode="ebpf", cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/48"))
     backend = EbpfBackend(config, FakeFallback(), FakeKernel(), tc_kernel=kernel)  # type: ignore[arg-type]
     backend.apply({}, None, NODE)
-    assert kernel.pod_sources == ("10.244.0.0/16",)
+    assert kernel.pod_sources == {4: ("10.244.0.0/16",)}

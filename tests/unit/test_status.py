@@ -199,4 +199,4 @@ def test_ipv6_services_show_in_both_families() -> None:
     assert rows["default/dual"].dataplane == "ebpf(cluster-ip v4+v6)+nftables(external)"
     assert rows["default/six"].dataplane == "ebpf(cluster-ip v6)"
     dual = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf", tc=True)}["default/dual"]
-    assert dual == "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)"  # tc is IPv4 only
+    assert dual == "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)"

@@ -1,7 +1,7 @@
 """The eBPF Backend: TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
-incrementally), IPv4 external frontends from the network in tc, everything else through an nftables fallback
+incrementally), external frontends from the network in tc, everything else through an nftables fallback
 that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
-the one socket load balancer's maps, the IPv4 one also tc's.
+the one socket load balancer's maps and the one tc program's.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def socket_lb(cgroup: str, pin_path: str) -> SockLbKernel:
 
 
 class EbpfBackend:
-    """Socket load balancing for one family's cluster IPs; tc for IPv4 external frontends from the network;
+    """Socket load balancing for one family's cluster IPs; tc for its external frontends from the network;
     the nftables fallback for external frontends (and SCTP).
     """
 
@@ -61,15 +61,14 @@ class EbpfBackend:
         family: int = 4,
         tc_kernel: tc.TcKernel | None = None,
     ) -> None:
-        """tc_kernel None: no tc program (IPv6, or tc off), the fallback carries external frontends from the
-        network too.
-        """
+        """tc_kernel None: no tc program (tc off), the fallback carries external frontends from the network too."""
         self._config = config
         self._fallback = fallback
         self._kernel = kernel
         self._family = family
         self._tc = tc_kernel
         self._tc_ports: dict[ServicePortName, img.Image] | None = None  # what the tc maps hold; None: unknown
+        self._tc_generation = 0  # the tc load _tc_ports was read from; another one: unknown, reread
         self._ports: dict[ServicePortName, img.Image] = {}  # what the maps hold for this family
         self._generation = 0  # the kernel load _ports was read from; another one: unknown, reread
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
@@ -78,11 +77,11 @@ class EbpfBackend:
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
-        """The socket load balancer on the configured cgroup and pin path, this family's nftables fallback;
-        IPv4 also the tc programs (their maps and keys are IPv4: an IPv6 plan's node port is on IPv6 node IPs).
+        """The socket load balancer on the configured cgroup and pin path, the tc programs on that pin path
+        (both shared with the other family's backend), this family's nftables fallback.
         """
         kernel = socket_lb(cgroup_of(config), config.bpf_pin_path)
-        tc_kernel = tc.TcKernel(config.bpf_pin_path) if family == 4 else None
+        tc_kernel = tc.shared(config.bpf_pin_path)
         return cls(config, NftablesBackend.for_config(config, family), kernel, family, tc_kernel)
 
     def apply(
@@ -168,35 +167,49 @@ class EbpfBackend:
     def _write_tc(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
     ) -> int:
-        """The tc maps: everything on a full sync (the interfaces and node IPs may have changed), else the
-        changed ports. The nftables fallback still holds these frontends (for the node's own connections):
-        if tc cannot be loaded here, it carries them from the network too, and tc stays off.
+        """This family's part of the tc maps: everything on a full sync (the interfaces and node IPs may have
+        changed), else the changed ports. The nftables fallback still holds these frontends (for the node's
+        own connections): if tc cannot be loaded here, it carries them from the network too, and tc stays off.
         """
         kernel = self._tc
         assert kernel is not None
+        if not kernel.loaded and not self._load_tc(kernel):
+            return 0
+        family = self._family
         try:
-            if self._tc_ports is None:
-                kernel.load()
-                old, self._tc_ports = kernel.read_image(4), {}
+            if self._tc_ports is None or self._tc_generation != kernel.generation:  # first sync, or reloaded
+                old, self._tc_ports = kernel.read_image(family), {}
+                self._tc_generation = kernel.generation
                 changed = None
             elif changed is None:
                 kernel.attach_interfaces()
                 old = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             if changed is None:
-                kernel.set_pod_sources(tc.pod_source_cidrs(local_traffic_detector(self._config, node, 4)))
+                detector = local_traffic_detector(self._config, node, family)
+                kernel.set_pod_sources(tc.pod_source_cidrs(detector, family), family)
                 self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
                 new = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             else:
                 old, new = self._replace_tc_ports(plans, changed, node)
             return kernel.write(*img.diff(old, new))
         except Exception:
-            if self._tc_ports is None:
-                log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
-                kernel.remove()
-                self._tc = None
-                return 0
-            self._tc_ports = None  # unknown after a failure: reload and reread on the next sync
+            kernel.invalidate()  # unknown after a failure: reload, and both families reread, on the next sync
             raise
+
+    def _load_tc(self, kernel: tc.TcKernel) -> bool:
+        """Load the tc programs; False (and tc off for this backend, its maps unpinned) when they cannot run,
+        found here or by the other family's backend before (no second compile).
+        """
+        if not kernel.failed:
+            try:
+                kernel.load()
+                return True
+            except Exception:
+                log.exception("tc programs cannot run here: external frontends stay with the nftables fallback")
+                kernel.failed = True
+                kernel.remove()
+        self._tc = None
+        return False
 
     def _replace_tc_ports(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node: NodeInfo
@@ -216,7 +229,7 @@ class EbpfBackend:
 
     def _node_port_ips(self, node: NodeInfo) -> tuple[str, ...]:
         assert self._tc is not None
-        return tc.node_port_ips(self._config, node, self._tc.local_addresses())
+        return tc.node_port_ips(self._config, node, self._tc.local_addresses(self._family), self._family)
 
     def _replace_ports(
         self,
@@ -288,11 +301,11 @@ class EbpfBackend:
             )
             self._kernel.invalidate()
             return True
-        if self._tc is not None and self._tc_ports is not None and not self._tc.attached():
+        if self._tc is not None and self._tc.loaded and not self._tc.attached():
             log.warning(
                 "tc programs detached or unpinned behind our back: reloading", pin=self._config.bpf_pin_path
             )
-            self._tc_ports = None
+            self._tc.invalidate()
             return True
         return self._fallback.drifted()
 

@@ -1,9 +1,9 @@
 """Plans → what the eBPF maps must hold (pure): one entry per Service frontend, with its backend slots.
 
 The socket load balancer carries TCP and UDP cluster IPs of both families (one image per family: plans come
-per family). Node ports, external and load-balancer IPs arriving from the network (and SCTP) are left to
-the nftables fallback: fallback_plans says which plans, stripped of the cluster IPs the socket load
-balancer already serves.
+per family). Node ports, external and load-balancer IPs (and SCTP) are rendered by the nftables fallback
+(tc serves the external frontends it can from the network first: tc.py): fallback_plans says which plans,
+stripped of the cluster IPs the socket load balancer already serves.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
 
 
 def tc_serves(plan: ServicePlan) -> bool:
-    """True when tc (bpf/tc_nat.c) carries plan's external frontends from the network (IPv4 plans only); the
-    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, IPv6, and
-    the node's own connections (they never cross an interface's ingress).
+    """True when tc (bpf/tc_nat.c) carries plan's external frontends from the network (either family); the
+    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, and the
+    node's own connections (they never cross an interface's ingress).
     """
     return (
         plan.port.protocol in SOCKET_PROTOCOLS
@@ -132,17 +132,15 @@ def tc_serves(plan: ServicePlan) -> bool:
 
 def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
     """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status` (tc: the
-    tc programs run): e.g. "ebpf(cluster-ip v4+v6)+tc(external v4)+nftables(external)".
+    tc programs run): e.g. "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)".
     """
     plans = list(plans)
     balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
-    families = sorted({family_of(ip) for plan in balanced for ip in plan.port.cluster_ips})
-    parts = [f"ebpf(cluster-ip {'+'.join(f'v{family}' for family in families)})"] if families else []
+    parts = [f"ebpf(cluster-ip {_families(balanced)})"] if _families(balanced) else []
     external = [plan for plan in balanced if plan.port.externally_accessible]
-    v4 = [plan for plan in external if any(family_of(ip) == 4 for ip in plan.port.cluster_ips)]
-    in_tc = [plan for plan in v4 if tc and tc_serves(plan)]
+    in_tc = [plan for plan in external if tc and tc_serves(plan)]
     if in_tc:
-        parts.append("tc(external v4)")
+        parts.append(f"tc(external {_families(in_tc)})")
     if len(in_tc) < len(external):
         parts.append("nftables(external)")
     elif in_tc:
@@ -150,6 +148,12 @@ def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
     if len(balanced) < len(plans):
         parts.append("nftables(sctp)")
     return "+".join(parts)
+
+
+def _families(plans: Iterable[ServicePlan]) -> str:
+    """The IP families of plans' cluster IPs (a plan has one family), e.g. "v4+v6"; "" for none."""
+    families = sorted({family_of(ip) for plan in plans for ip in plan.port.cluster_ips})
+    return "+".join(f"v{family}" for family in families)
 
 
 def diff(old: Image, new: Image) -> tuple[Image, list[FrontendKey]]:

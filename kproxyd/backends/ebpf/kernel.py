@@ -389,7 +389,7 @@ class _ServiceName(ctypes.Structure):
 
 
 class _SourcePrefix(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32 * 4)]
 
 
 class PinnedMap:
@@ -483,10 +483,10 @@ class PinnedFrontends:
         return ""
 
     def pod_sources(self) -> tuple[str, ...]:
-        """tc's pod-source prefixes (tc_pod_sources), IPv4 CIDRs."""
+        """tc's pod-source prefixes (tc_pod_sources) as CIDRs (IPv4 ones stored IPv4-mapped: 96 + length)."""
         sources = PinnedMap(self._base + "pod_sources", _SourcePrefix, ctypes.c_uint8)
         try:
-            return tuple(f"{socket.inet_ntoa(struct.pack('<I', k.addr))}/{k.prefixlen}" for k in sources)
+            return tuple(_prefix_text(k) for k in sources)
         finally:
             sources.close()
 
@@ -499,6 +499,11 @@ class PinnedFrontends:
         """Close the maps."""
         for pinned in self._maps.values():
             pinned.close()
+
+
+def _prefix_text(key: _SourcePrefix) -> str:
+    ip = _ip_text(key.addr)
+    return f"{ip}/{key.prefixlen - 96 if ':' not in ip else key.prefixlen}"
 
 
 def _pinned_key(key: FrontendKey) -> _FrontendKey:

@@ -10,6 +10,7 @@ keep the interface address map current, detach on cleanup.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -19,8 +20,8 @@ from typing import Any
 
 import structlog
 
-from kproxyd.backends.ebpf.image import FrontendKey, Image, endpoints_entry, tc_serves
-from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, ensure_bpffs
+from kproxyd.backends.ebpf.image import FrontendKey, Image, endpoints_entry, family_of, tc_serves
+from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, _ip_text, ensure_bpffs
 from kproxyd.backends.iptables.backend import nodeport_ips
 from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.config import ProxyConfig
@@ -30,6 +31,7 @@ from kproxyd.plan import ServicePlan
 log = structlog.get_logger(__name__)
 
 F_SNAT = 4  # must match bpf/tc_nat.c
+F_POD_SOURCES = 8
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "tc_nat.c"
 PRIORITY = 0x4B50  # our filters' priority on each interface ("KP"): found and replaced or deleted by it
 HANDLE = 1
@@ -41,7 +43,9 @@ MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifadd
 
 
 def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
-    """An IPv4 plan's external frontends: node IPs at the node port, external IPs and LB IPs at the port."""
+    """A plan's external frontends (node IPs of its family): node IPs at the node port, external IPs and LB IPs
+    at the port.
+    """
     port = plan.port
     keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port]
     keys += [FrontendKey(ip, port.port, port.protocol) for ip in (*port.external_ips, *port.load_balancer_ips)]
@@ -49,34 +53,44 @@ def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKe
 
 
 def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Image:
-    """The tc frontends of one IPv4 plan: its external endpoints; masqueraded unless externalTrafficPolicy
-    Local.
+    """The tc frontends of one plan (node_ips: of its family): its external endpoints; masqueraded unless
+    externalTrafficPolicy Local; new flows from pod sources left to nftables where the plan short-circuits them.
     """
     if not tc_serves(plan):
         return {}
     flags = 0 if plan.port.external_policy_local else F_SNAT
+    flags |= F_POD_SOURCES if plan.short_circuit_local_sources else 0
     entry = endpoints_entry(plan, plan.external_endpoints, algorithm, flags)
     return dict.fromkeys(external_keys(plan, node_ips), entry)
 
 
-def pod_source_cidrs(detector: LocalTrafficDetector | None) -> tuple[str, ...]:
-    """The IPv4 sources tc leaves to nftables on Local-policy frontends: the detector's CIDRs; everything when
-    it detects by interface (nftables applies that); nothing without a detector (no pod source is known).
+def pod_source_cidrs(detector: LocalTrafficDetector | None, family: int = 4) -> tuple[str, ...]:
+    """One family's sources tc leaves to nftables on Local-policy frontends: the detector's CIDRs; everything
+    when it detects by interface (nftables applies that); nothing without a detector (no pod source is known).
     """
     if detector is None:
         return ()
     if detector.mode in (DetectLocalMode.CLUSTER_CIDR, DetectLocalMode.NODE_CIDR):
         return detector.cidrs
-    return ("0.0.0.0/0",)
+    return ("0.0.0.0/0",) if family == 4 else ("::/0",)
 
 
-def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str]) -> tuple[str, ...]:
-    """The IPv4 addresses node ports answer on (--nodeport-addresses among the local ones, else every local
-    one), never loopback.
+def node_port_ips(config: ProxyConfig, node: NodeInfo, local: Sequence[str], family: int = 4) -> tuple[str, ...]:
+    """One family's addresses node ports answer on in tc (--nodeport-addresses among the local ones, else
+    every local one), never loopback; nor IPv6 link-local addresses, one per pod's veth: their node ports
+    stay with the nftables fallback rather than cost a frontend per pod and Service.
     """
-    chosen = nodeport_ips(config.nodeport_addresses, node, local, 4)
+    chosen = nodeport_ips(config.nodeport_addresses, node, local, family)
     ips = local if chosen is None else [cidr.split("/")[0] for cidr in chosen]
-    return tuple(ip for ip in ips if not ip.startswith("127."))
+    parsed = [ipaddress.ip_address(ip) for ip in ips]
+    return tuple(str(ip) for ip in parsed if not (ip.is_loopback or (ip.version == 6 and ip.is_link_local)))
+
+
+def prefix_key(cidr: str) -> tuple[int, tuple[int, ...]]:
+    """The pod-source LPM key of a CIDR: an IPv4 one as its IPv4-mapped prefix (96 + its length)."""
+    network = ipaddress.ip_network(cidr)
+    mapped = 96 if network.version == 4 else 0
+    return mapped + network.prefixlen, _ip(str(network.network_address))
 
 
 def running(pin_path: str) -> bool:
@@ -84,16 +98,22 @@ def running(pin_path: str) -> bool:
     return os.path.exists(os.path.join(pin_path, MAP_PREFIX + "frontends"))
 
 
-def interfaces() -> dict[int, str]:
-    """ifindex → IPv4 address (the first) of every interface but loopback in this network namespace."""
+Addresses = dict[int, str]  # IP family (4 or 6) → an interface's address of that family
+
+
+def interfaces() -> dict[int, Addresses]:
+    """ifindex → the first IPv4 and the first global-scope IPv6 address of every interface of this network
+    namespace that has either, loopback addresses (and IPv6 link-local ones) left out.
+    """
     from pyroute2 import IPRoute
 
-    out: dict[int, str] = {}
+    out: dict[int, Addresses] = {}
     with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
+        for msg in ipr.get_addr():
             address = str(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
-            if not address.startswith("127."):
-                out.setdefault(int(msg["index"]), address)
+            family = 6 if msg["family"] == socket.AF_INET6 else 4
+            if (family == 4 or msg["scope"] == 0) and not ipaddress.ip_address(address).is_loopback:
+                out.setdefault(int(msg["index"]), {}).setdefault(family, address)
     return out
 
 
@@ -101,8 +121,10 @@ class TcKernel(SockLbKernel):
     """bpf/tc_nat.c: its pinned maps (tc_* in the pin directory) and its filters on this namespace's interfaces.
 
     The frontend, slot and counter maps have the socket load balancer's layout (16-byte addresses, IPv4
-    ones IPv4-mapped): compiling, writing and reading them is inherited. Only what is specific to tc
-    (loading its programs, attaching them to interfaces, the interface map) is here.
+    ones IPv4-mapped): compiling, writing and reading them is inherited, and as there one instance serves
+    both families' backends (one load, one revision counter; each reads back and deletes only its own
+    family's frontends). Only what is specific to tc (loading its programs, attaching them to interfaces,
+    the interface and pod-source maps) is here.
     """
 
     source_file = SOURCE
@@ -112,7 +134,8 @@ class TcKernel(SockLbKernel):
     def __init__(self, pin_path: str) -> None:
         super().__init__("", pin_path)
         self._fds: dict[str, int] = {}
-        self._attached: dict[int, str] = {}
+        self._attached: dict[int, Addresses] = {}
+        self.failed = False  # a load failed: tc stays off in this process (both families' backends)
 
     def load(self) -> None:
         """Compile and load the programs (creating or reusing the pinned maps, recreating those of an earlier
@@ -124,7 +147,9 @@ class TcKernel(SockLbKernel):
         self._collect_slots()
         self._attached = {}
         self.attach_interfaces()
-        log.info("tc external-frontend programs attached", interfaces=sorted(self._attached.values()))
+        self.generation += 1
+        addresses = sorted(ip for attached in self._attached.values() for ip in attached.values())
+        log.info("tc external-frontend programs attached", interfaces=addresses)
 
     def attach_interfaces(self) -> None:
         """Attach to interfaces not yet attached (replacing an earlier run's filter in place), and write the
@@ -136,9 +161,10 @@ class TcKernel(SockLbKernel):
         current = interfaces()
         ifaddrs = self._table("ifaddrs")
         with IPRoute() as ipr:
-            for index, address in current.items():
-                ifaddrs[ifaddrs.Key(index)] = ifaddrs.Leaf(_ip(address)[3])  # the IPv4 word of ::ffff:a.b.c.d
-                if self._attached.get(index) == address:
+            for index, addresses in current.items():
+                for family, address in addresses.items():
+                    ifaddrs[ifaddrs.Key(index, family)] = ifaddrs.Leaf(_ip(address))
+                if self._attached.get(index) == addresses:
                     continue
                 with contextlib.suppress(NetlinkError):  # EEXIST: the qdisc is there (ours or another's)
                     ipr.tc("add", "clsact", index)
@@ -147,28 +173,26 @@ class TcKernel(SockLbKernel):
                         "replace-filter", "bpf", index, HANDLE, fd=self._fds[name], name=FILTER_NAME,
                         parent=parent, prio=PRIORITY, classid=1, direct_action=True,
                     )  # fmt: skip
-                self._attached[index] = address
-        for index in [i for i in ifaddrs if i.value not in current]:
-            del ifaddrs[index]
+                self._attached[index] = addresses
+        for key in [k for k in ifaddrs if k.family not in current.get(k.ifindex, {})]:
+            del ifaddrs[key]
         for index in [i for i in self._attached if i not in current]:
             del self._attached[index]
 
-    def set_pod_sources(self, cidrs: Sequence[str]) -> None:
-        """Replace the pod-source prefixes (IPv4 CIDRs)."""
+    def set_pod_sources(self, cidrs: Sequence[str], family: int = 4) -> None:
+        """Replace one family's pod-source prefixes (the other family's stay)."""
         table = self._table("pod_sources")
-        wanted = {}
-        for cidr in cidrs:
-            network = ipaddress.ip_network(cidr)
-            wanted[(network.prefixlen, _ip(str(network.network_address))[3])] = cidr
+        wanted = {prefix_key(cidr) for cidr in cidrs}
         for key in list(table.keys()):
-            if (key.prefixlen, key.addr) not in wanted:
+            prefix = (key.prefixlen, tuple(key.addr))
+            if family_of(_ip_text(key.addr)) == family and prefix not in wanted:
                 del table[key]
         for prefixlen, addr in wanted:
             table[table.Key(prefixlen, addr)] = table.Leaf(1)
 
-    def local_addresses(self) -> list[str]:
-        """This namespace's IPv4 addresses."""
-        return local_addresses(4)
+    def local_addresses(self, family: int = 4) -> list[str]:
+        """This namespace's addresses of one family."""
+        return local_addresses(family)
 
     def attached(self) -> bool:
         """True while the maps are pinned and every interface with an address has our ingress filter."""
@@ -181,6 +205,12 @@ class TcKernel(SockLbKernel):
         """Detach our filters everywhere and unpin the maps (tc is off: `kproxyd status` then says nftables)."""
         detach_tc()
         self.unpin_maps()
+
+
+@functools.cache
+def shared(pin_path: str) -> TcKernel:
+    """The process's tc programs for a pin directory, shared by both families' backends."""
+    return TcKernel(pin_path)
 
 
 def ours(index: int, parent: int) -> bool:
