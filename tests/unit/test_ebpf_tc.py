@@ -159,7 +159,7 @@ def test_both_families_share_one_tc_kernel() -> None:
 def test_ipv6_plan_frontends_on_ipv6_node_ips() -> None:
     port = svc(spn(), "fd00:96::10", node_port=30080, external_ips=("fd00:29::5",))
     plan = plans((port, eps("fd00:244:2::3", port=8080, node="node2")))[port.name]
-    entry = img.FrontendEntry((("fd00:244:2::3", 8080),), tc.F_SNAT)
+    entry = img.FrontendEntry((("fd00:244:2::3", 8080),), tc.F_SNAT, service=str(port.name))
     assert tc.plan_image(plan, ("fd00:28::11",), "random") == {
         img.FrontendKey("fd00:28::11", 30080, TCP): entry,
         img.FrontendKey("fd00:29::5", 80, TCP): entry,
