@@ -155,3 +155,14 @@ def test_affinity_is_reported() -> None:
     answer = ebpf.explain(packet(POD, "10.96.0.14"), node(plans((sticky, eps("10.244.1.2")))))
     assert answer.affinity and "ClientIP affinity 600 s" in answer.outcomes[0].hops[0].rule
     assert "affinity:" in answer.to_text() and "dataplane" in answer.to_json()
+
+
+def test_ipv6_node_port_from_outside_is_tcs_too() -> None:
+    web6 = svc(spn(name="web6", port="http"), "fd00:96::10", node_port=30090, type=ServiceType.NODE_PORT)
+    state = plans((web6, eps("fd00:244:2::3", port=8080, node="node2")))
+    tc_image = {k: e for port in tc.image(state, ("fd00:28::11",), "random").values() for k, e in port.items()}
+    maps = ebpf.EbpfNode(Maps(img.image(state, "random")), Maps(tc_image), (), frozenset({"eth0"}), fallback)
+    outside = Packet("fd00:28::200", "fd00:28::11", 30090, "TCP", "eth0", frozenset({"fd00:28::11"}))
+    answer = ebpf.explain(outside, maps)
+    assert answer.dataplane == "tc ingress on eth0" and answer.service == "ns1/web6:http"
+    assert answer.endpoints == {"[fd00:244:2::3]:8080": 1.0} and answer.outcomes[0].masquerade
