@@ -208,6 +208,8 @@ class SyncRunner:
             self._full_requested = True
 
     def _run(self, full: bool) -> bool:
+        queued = self.oldest_pending
+        log.debug("sync started", full=full, queued_ms=round((time.time() - queued) * 1000, 2) if queued else None)
         try:
             self._sync(full)
         except Exception:
