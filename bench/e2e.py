@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -50,11 +51,47 @@ SENT: dict[str, float] = {}  # resourceVersion → when the lab API server wrote
 def capture_sent(_logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: note when the lab API server sent each EndpointSlice watch event; only warnings
     and errors go on to be printed."""
-    if event.get("event") == "watch event sent" and event.get("kind") == "EndpointSlice":
-        SENT[str(event["resource_version"])] = time.time()
+    watched = event.get("event") == "watch event sent" and event.get("kind") == "EndpointSlice"
+    if watched and event.get("event_type") != "BOOKMARK":  # a bookmark carries the newest resourceVersion too
+        SENT.setdefault(str(event["resource_version"]), time.time())
     if method in ("debug", "info"):
         raise structlog.DropEvent
     return event
+
+
+class GcPauses:
+    """The cyclic collections of this process (the lab API server's) longer than 0.5 ms: (start, ms, gen)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.time()
+        elif (ms := (time.time() - self._start) * 1000) > 0.5:
+            self.pauses.append((self._start, round(ms, 3), info["generation"]))
+
+    def between(self, start: float, end: float) -> float:
+        """Milliseconds of pauses that started between start and end."""
+        return round(sum(ms for at, ms, _ in self.pauses if start <= at <= end), 3)
+
+
+GC = GcPauses()
+
+
+def settle(pid: int, timeout: float = 120.0) -> float:
+    """Wait until the daemon's CPU use stops (its first sync's follow-up work, e.g. other modes' cleanup)."""
+    start = time.monotonic()
+    used = run.proc_status(pid)
+    while time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        now = run.proc_status(pid)
+        if now["cpu_s"] + now["children_cpu_s"] - used["cpu_s"] - used["children_cpu_s"] < 0.02:
+            break
+        used = now
+    return round(time.monotonic() - start, 1)
 
 
 def first(events: list[dict[str, Any]], after: float, **match: Any) -> float | None:
@@ -79,6 +116,7 @@ def stages(lab: run.Lab, change: dict[str, Any]) -> dict[str, Any]:
         previous = at[stage]
     out["synced_after_maps"] = ms(at["synced"], at["maps"])
     out["synced"] = ms(at["synced"], t0)
+    out["lab_gc_ms"] = GC.between(t0, change["seen_at"])
     return out
 
 
@@ -90,7 +128,7 @@ def ms(t: float | None, since: float | None) -> float | None:
 def medians(samples: list[dict[str, Any]]) -> dict[str, float | None]:
     """The median of every numeric field over the samples."""
     out: dict[str, float | None] = {}
-    for key in ("e2e_ms", "sync_ms", *STAGES, "synced_after_maps", "synced", "cpu_s"):
+    for key in ("e2e_ms", "sync_ms", *STAGES, "synced_after_maps", "synced", "cpu_s", "lab_gc_ms"):
         values = [s[key] for s in samples if isinstance(s.get(key), (int, float))]
         out[key] = round(statistics.median(values), 3) if values else None
     return out
@@ -110,7 +148,7 @@ def measure(loadgen: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             lambda: run.syncs_after(lab.cluster, t_start), timeout=timeout, interval=0.05, what="first sync"
         )
         result["cold_start_s"] = round(time.time() - t_start, 1)
-        time.sleep(1.0)  # past the first sync's follow-up work
+        result["settled_s"] = settle(proc.pid)
         samples = []
         for k in range(args.changes):
             up = k % 2 == 0
