@@ -215,3 +215,27 @@ def test_runner_drift_forces_a_full_sync() -> None:
         assert calls[2] is True  # the canary check found drift: full resync without any change
     finally:
         runner.stop()
+
+
+def test_runner_runs_a_change_after_a_quiet_period_at_once() -> None:
+    """kube-proxy's BoundedFrequencyRunner: a change runs at once when the last sync started longer than
+    min-sync-period ago; a change right after a sync waits until that period has passed."""
+    starts: list[float] = []
+    runner = SyncRunner(lambda full: starts.append(time.monotonic()), min_period=0.5, check_period=3600)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not starts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.6)  # quiet for longer than min_period
+        asked = time.monotonic()
+        runner.request()
+        while len(starts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert starts[1] - asked < 0.2
+        runner.request()
+        while len(starts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert starts[2] - starts[1] >= 0.49
+    finally:
+        runner.stop()
