@@ -48,11 +48,11 @@ import run
 from kproxyd.lab.cluster import wait_until
 
 STAGES = ("sent", "handled", "started", "maps", "seen")
-SENT: dict[str, float] = {}  # resourceVersion → when the lab API server wrote that EndpointSlice event
+SENT: dict[str, float] = {}  # resourceVersion → when the lab API server was about to send that EndpointSlice
 
 
 def capture_sent(_logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: note when the lab API server sent each EndpointSlice watch event; only warnings
+    """structlog processor: note when the lab API server sends each EndpointSlice watch event; only warnings
     and errors go on to be printed."""
     watched = event.get("event") == "watch event sent" and event.get("kind") == "EndpointSlice"
     if watched and event.get("event_type") != "BOOKMARK":  # a bookmark carries the newest resourceVersion too
@@ -178,7 +178,7 @@ def measure(loadgen: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", default="1000,30000", help="comma-separated Service counts")
-    parser.add_argument("--changes", type=int, default=10, help="changes per size (alternately add and remove)")
+    parser.add_argument("--changes", type=int, default=12, help="changes per size (alternately add and remove)")
     parser.add_argument("--mode", default="ebpf", choices=run.MODES)
     parser.add_argument("--probe-interval-us", type=int, default=1000, help="pause between probe attempts")
     parser.add_argument("--gap", type=float, default=0.3, help="seconds between changes")
