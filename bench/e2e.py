@@ -54,8 +54,7 @@ SENT: dict[str, float] = {}  # resourceVersion → when the lab API server was a
 def capture_sent(_logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: note when the lab API server sends each EndpointSlice watch event; only warnings
     and errors go on to be printed."""
-    watched = event.get("event") == "watch event sent" and event.get("kind") == "EndpointSlice"
-    if watched and event.get("event_type") != "BOOKMARK":  # a bookmark carries the newest resourceVersion too
+    if event.get("event") == "watch event sent" and event.get("kind") == "EndpointSlice":
         SENT.setdefault(str(event["resource_version"]), time.time())
     if method in ("debug", "info"):
         raise structlog.DropEvent
