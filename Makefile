@@ -9,7 +9,7 @@ STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 STAMP_BCC := $(VENV)/.bcc-done
 
-.PHONY: setup demo test lint unit netns test-guest bench image image-test clean
+.PHONY: setup demo test lint unit netns test-guest bench bench-e2e image image-test clean
 
 setup: $(STAMP_PIP) $(STAMP_BCC)
 
@@ -67,6 +67,12 @@ bench: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy gcc >/dev/null
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(MODES),--modes $(MODES))
+
+# One endpoint change end to end, stage by stage (bench/e2e.py): SIZES=1000,30000 MODE=ebpf by default.
+bench-e2e: setup
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/e2e.py $(if $(SIZES),--services $(SIZES)) $(if $(MODE),--mode $(MODE))
 
 image: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap podman runc >/dev/null

@@ -7,8 +7,9 @@
  *       THREADS loops of connect / GET / read to EOF / close until SECONDS pass or MAX_CONNECTIONS are
  *       made (both bounds always apply); prints one JSON line: ok, errors, elapsed_s, rate (ok/s),
  *       connect and request (connect..EOF) latency percentiles in microseconds.
- *   loadgen probe IP PORT up|down TIMEOUT_S
- *       probes IP:PORT (a full request, 200 ms budget) every ~1 ms; prints "ready" once the first probe
+ *   loadgen probe IP PORT up|down TIMEOUT_S [INTERVAL_US]
+ *       probes IP:PORT (a full request, 200 ms budget) every INTERVAL_US (default 1000) microseconds between
+ *       one probe's end and the next one's start; prints "ready" once the first probe
  *       has the opposite result, then, when the result first becomes up (answered) or down (refused or
  *       failed), prints the CLOCK_REALTIME seconds of that probe's start and exits 0; exits 1 on timeout.
  *
@@ -217,6 +218,7 @@ static int run_probe(int argc, char **argv) {
     inet_pton(AF_INET, argv[2], &to.sin_addr);
     int want_up = strcmp(argv[4], "up") == 0;
     double end = now_mono() + atof(argv[5]);
+    useconds_t interval = argc > 6 ? (useconds_t)atoi(argv[6]) : 1000;
     int ready = 0;
     while (now_mono() < end) {
         double at = now_real();
@@ -234,7 +236,7 @@ static int run_probe(int argc, char **argv) {
             fflush(stdout);
             ready = 1;
         }
-        usleep(1000);
+        if (interval) usleep(interval);
     }
     return 1;
 }

@@ -162,6 +162,7 @@ class Lab:
 
     def __init__(self, loadgen: str, n: int, services: bool = True) -> None:
         self.loadgen = loadgen
+        self.probe_interval_us = 1000  # between one probe's end and the next one's start
         self.procs: list[subprocess.Popen[str]] = []
         self.cluster = LabCluster(nodes=("node1",))
         try:
@@ -257,7 +258,7 @@ class Lab:
     def probe(self, ip: str, want: str, timeout: float) -> subprocess.Popen[str]:
         """Start a probe of ip:80 from the client pod; returns once it saw the opposite state."""
         proc = subprocess.Popen(
-            self.in_node([self.loadgen, "probe", ip, "80", want, str(timeout)]),
+            self.in_node([self.loadgen, "probe", ip, "80", want, str(timeout), str(self.probe_interval_us)]),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -365,12 +366,15 @@ def one_change(lab: Lab, pid: int, ips: list[str], want: str, timeout: float) ->
     probe = lab.probe(PROBE_IP, want, timeout)
     before = proc_status(pid)
     t0 = time.time()
-    lab.cluster.store.put_raw("EndpointSlice", slice_obj("zz", "probe", ips))
+    written = lab.cluster.store.put_raw("EndpointSlice", slice_obj("zz", "probe", ips))
     t_seen = wait_probe(probe, timeout)
     syncs = wait_until(lambda: syncs_after(lab.cluster, t0), timeout=timeout, interval=0.02, what="sync log line")
     time.sleep(0.05)
     after = proc_status(pid)
     return {
+        "written_at": t0,
+        "seen_at": t_seen,
+        "resource_version": written["metadata"]["resourceVersion"],
         "e2e_s": round(t_seen - t0, 4),
         "sync_s": syncs[0]["seconds"],
         "syncs": len(syncs),

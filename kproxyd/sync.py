@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from kproxyd.backends import Backend, WriteStats
+from kproxyd.backends.common import gc_paused
 from kproxyd.metrics import ProxyMetrics
 from kproxyd.model import ServicePortName
 from kproxyd.plan import ServicePlan, changed_plans, plan_service_port
@@ -56,28 +57,64 @@ class Proxier:
         self._backend = backend
         self._metrics = metrics
         self._observers = tuple(observers)
+        # A partial sync re-plans in place (a copy would cost O(Services) per change): the lock keeps scrapes
+        # from iterating the plans meanwhile, and a failed apply puts the replaced plans back.
+        self._lock = threading.Lock()
         self._plans: dict[ServicePortName, ServicePlan] = {}
         self._ports_of: dict[str, tuple[ServicePortName, ...]] = {}  # Service key -> its ports in _plans
-        metrics.watch_plans(lambda: self._plans.values())
+        metrics.watch_plans(self._plan_list)
 
     @property
     def plans(self) -> Mapping[ServicePortName, ServicePlan]:
-        """The plans last applied successfully."""
+        """The plans last applied successfully (read from the sync thread, or between syncs)."""
         return self._plans
+
+    def _plan_list(self) -> list[ServicePlan]:
+        with self._lock:
+            return list(self._plans.values())
 
     def sync(self, force_full: bool = False) -> SyncResult:
         """One sync. Raises when the backend fails; the next sync is then a full one."""
         if force_full:
             self._tracker.request_full()
         changes = self._tracker.take_changes()
-        plans, ports_of, touched = self._replan(changes)
-        changed = set(plans) if changes.full else changed_plans(self._plans, plans, touched)
         self._metrics.record_changes(changes.service_events, changes.endpoint_events)
-        if not changes.full and not changed:
-            return SyncResult(False, 0, len(plans), applied=False)
+        return self._sync_full(changes) if changes.full else self._sync_partial(changes)
+
+    def _sync_full(self, changes: Changes) -> SyncResult:
+        plans: dict[ServicePortName, ServicePlan] = {}
+        ports_of: dict[str, tuple[ServicePortName, ...]] = {}
+        # Frozen after: the collections a later change triggers no longer traverse every plan and object.
+        with gc_paused():
+            _replan(changes, plans, ports_of)
+            result = self._apply(plans, None, changes)
+        with self._lock:
+            old, self._plans, self._ports_of = self._plans, plans, ports_of
+        self._notify(old, plans, None)
+        return result
+
+    def _sync_partial(self, changes: Changes) -> SyncResult:
+        with self._lock:
+            replaced = _replan(changes, self._plans, self._ports_of)
+        old = _Before(self._plans, replaced)
+        changed = changed_plans(old, self._plans, replaced)
+        if not changed:
+            return SyncResult(False, 0, len(self._plans), applied=False)
+        try:
+            result = self._apply(self._plans, changed, changes)
+        except Exception:
+            with self._lock:
+                _restore(self._plans, replaced)  # the index stays: the next sync is a full one, which rebuilds it
+            raise
+        self._notify(old, self._plans, changed)
+        return result
+
+    def _apply(
+        self, plans: dict[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, changes: Changes
+    ) -> SyncResult:
         start = time.monotonic()
         try:
-            stats = self._backend.apply(plans, None if changes.full else changed, changes.node)
+            stats = self._backend.apply(plans, changed, changes.node)
         except Exception:
             self._tracker.request_full()
             self._metrics.record_failure(self._backend.name)
@@ -85,9 +122,8 @@ class Proxier:
         seconds = time.monotonic() - start
         self._metrics.record_sync(seconds, changes.full, stats.rules)
         self._metrics.record_programming(changes.trigger_times.values())
-        old, self._plans, self._ports_of = self._plans, plans, ports_of
-        self._notify(old, plans, None if changes.full else changed)
-        return SyncResult(changes.full, len(changed), len(plans), applied=True, seconds=seconds, stats=stats)
+        count = len(plans) if changed is None else len(changed)
+        return SyncResult(changes.full, count, len(plans), applied=True, seconds=seconds, stats=stats)
 
     def _notify(
         self,
@@ -101,25 +137,62 @@ class Proxier:
             except Exception:  # follow-up work (conntrack, health ports) never fails a sync
                 log.exception("sync observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
 
-    def _replan(
-        self, changes: Changes
-    ) -> tuple[dict[ServicePortName, ServicePlan], dict[str, tuple[ServicePortName, ...]], list[ServicePortName]]:
-        """The new plans, their per-Service index, and the ports that may have changed (old and new ones of the
-        changed Services): a partial sync's work follows the change, not the number of Services."""
-        plans = {} if changes.full else dict(self._plans)
-        # The index is updated in place: after a failed apply the next sync is a full one, which rebuilds it.
-        ports_of = {} if changes.full else self._ports_of
-        touched: list[ServicePortName] = []
-        for key, view in changes.services.items():
-            for name in ports_of.pop(key, ()):
-                del plans[name]
-                touched.append(name)
-            for port in view.ports:
-                plans[port.name] = plan_service_port(port, view.endpoints.get(port.name, ()), changes.node)
-                touched.append(port.name)
-            if view.ports:
-                ports_of[key] = tuple(port.name for port in view.ports)
-        return plans, ports_of, touched
+
+def _replan(
+    changes: Changes, plans: dict[ServicePortName, ServicePlan], ports_of: dict[str, tuple[ServicePortName, ...]]
+) -> dict[ServicePortName, ServicePlan | None]:
+    """Re-plan the changed Services' ports into plans and their per-Service index, in place: a partial sync's
+    work follows the change, not the number of Services. Returns what each touched port had before (None:
+    nothing), for the old and the new ports of the changed Services."""
+    replaced: dict[ServicePortName, ServicePlan | None] = {}
+    for key, view in changes.services.items():
+        for name in ports_of.pop(key, ()):
+            replaced.setdefault(name, plans.pop(name))
+        for port in view.ports:
+            replaced.setdefault(port.name, plans.get(port.name))
+            plans[port.name] = plan_service_port(port, view.endpoints.get(port.name, ()), changes.node)
+        if view.ports:
+            ports_of[key] = tuple(port.name for port in view.ports)
+    return replaced
+
+
+def _restore(
+    plans: dict[ServicePortName, ServicePlan], replaced: Mapping[ServicePortName, ServicePlan | None]
+) -> None:
+    """Undo _replan on plans."""
+    for name, was in replaced.items():
+        if was is None:
+            plans.pop(name, None)
+        else:
+            plans[name] = was
+
+
+class _Before(Mapping[ServicePortName, ServicePlan]):
+    """The plans as they were before a partial sync: the current ones with the replaced entries put back
+    (a view for this sync's comparisons and observers, which look up the changed ports)."""
+
+    def __init__(
+        self,
+        current: Mapping[ServicePortName, ServicePlan],
+        replaced: Mapping[ServicePortName, ServicePlan | None],
+    ) -> None:
+        self._current = current
+        self._replaced = replaced
+
+    def __getitem__(self, name: ServicePortName) -> ServicePlan:
+        if name not in self._replaced:
+            return self._current[name]
+        was = self._replaced[name]
+        if was is None:
+            raise KeyError(name)
+        return was
+
+    def __iter__(self) -> Iterator[ServicePortName]:
+        yield from (name for name in self._current if self._replaced.get(name, name) is not None)
+        yield from (name for name, was in self._replaced.items() if was is not None and name not in self._current)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class SyncRunner:
@@ -208,6 +281,8 @@ class SyncRunner:
             self._full_requested = True
 
     def _run(self, full: bool) -> bool:
+        queued = self.oldest_pending
+        log.debug("sync started", full=full, queued_ms=round((time.time() - queued) * 1000, 2) if queued else None)
         try:
             self._sync(full)
         except Exception:

@@ -87,6 +87,11 @@ def _lines(response: Any) -> Iterator[bytes]:
         yield pending
 
 
+def _name(meta: dict[str, Any]) -> str:
+    """namespace/name of an object's metadata (name alone for cluster-scoped objects)."""
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}".lstrip("/")
+
+
 def _describe(err: Exception) -> str:
     """A short, secret-free description of a request failure."""
     if isinstance(err, kubernetes.client.ApiException):
@@ -242,7 +247,14 @@ class Reflector:
             try:
                 method(self.resource.kind, obj)
             except Exception:
-                name = f"{meta.get('namespace', '')}/{meta.get('name', '')}".lstrip("/")
-                log.exception("handler failed", kind=self.resource.kind, event_type=event_type, object=name)
+                log.exception("handler failed", kind=self.resource.kind, event_type=event_type, object=_name(meta))
+            else:
+                log.debug(
+                    "watch event handled",
+                    kind=self.resource.kind,
+                    event_type=event_type,
+                    object=_name(meta),
+                    resource_version=meta.get("resourceVersion"),
+                )
         if meta.get("resourceVersion"):
             self.resource_version = meta["resourceVersion"]

@@ -331,6 +331,13 @@ class _Watch:
 
     def _send(self, event_type: str, obj: Obj) -> None:
         line = orjson.dumps({"type": event_type, "object": obj}) + b"\n"
+        if event_type != "BOOKMARK":  # one a second per watch: noise
+            log.debug(
+                "watch event sent",
+                kind=self.info.kind,
+                event_type=event_type,
+                resource_version=obj.get("metadata", {}).get("resourceVersion"),
+            )
         self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
 
 

@@ -100,6 +100,7 @@ class FakeTcKernel(FakeKernel):
     removes: int = 0
     failed: bool = False
     pod_sources: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    address_reads: int = 0
 
     def attach_interfaces(self) -> None:
         self.attaches += 1
@@ -108,6 +109,7 @@ class FakeTcKernel(FakeKernel):
         self.removes += 1
 
     def local_addresses(self, family: int = 4) -> list[str]:
+        self.address_reads += 1
         return [ip for ip in self.local if img.family_of(ip) == family]
 
     def set_pod_sources(self, cidrs: Sequence[str], family: int = 4) -> None:
@@ -131,6 +133,20 @@ def test_backend_writes_tc_maps_full_and_partial_and_counts() -> None:
     assert kernel.attaches == 1 and kernel.loads == 1
     assert set(kernel.writes[-1][0]) == {img.FrontendKey("172.28.0.99", 30080, TCP)}
     assert FrontendCounter("ns1/web:p80", "10.96.0.10:80/TCP (TC)", 7) not in backend.connection_counters()
+
+
+def test_a_partial_sync_reads_the_node_addresses_only_for_a_port_tc_serves() -> None:
+    kernel = FakeTcKernel()
+    backend = EbpfBackend(ProxyConfig(mode="ebpf"), FakeFallback(), FakeKernel(), tc_kernel=kernel)  # type: ignore[arg-type]
+    web = svc(spn(name="web"), "10.96.0.10", node_port=30080)
+    internal = svc(spn(name="internal"), "10.96.0.11")
+    backend.apply(plans((web, eps("10.0.1.2")), (internal, [])), None, NODE)
+    reads = kernel.address_reads
+    backend.apply(plans((web, eps("10.0.1.2")), (internal, eps("10.0.1.3"))), {internal.name}, NODE)
+    assert kernel.address_reads == reads  # a ClusterIP change: no netlink dump
+    backend.apply(plans((web, eps("10.0.1.4")), (internal, eps("10.0.1.3"))), {web.name}, NODE)
+    assert kernel.address_reads == reads + 1
+    assert set(kernel.writes[-1][0]) == {img.FrontendKey("172.28.0.11", 30080, TCP)}
 
 
 def test_a_tc_program_that_cannot_load_leaves_external_traffic_to_nftables() -> None:

@@ -95,6 +95,43 @@ def test_renamed_port_changes_the_old_and_the_new_port(
     assert changed == {old, new} and old not in plans
 
 
+def test_partial_sync_observers_see_the_plans_before_and_after() -> None:
+    tracker = ProxyStateTracker("node1")
+    tracker.upsert(SERVICE, service(name="a", cluster_ip="10.96.0.10"))
+    tracker.upsert(SERVICE, service(name="b", cluster_ip="10.96.0.11"))
+    seen: list[tuple[dict[ServicePortName, ServicePlan], dict[ServicePortName, ServicePlan], object]] = []
+    proxier = Proxier(
+        tracker,
+        RecordingBackend(),
+        ProxyMetrics(),
+        [lambda old, new, changed: seen.append((dict(old), dict(new), changed))],
+    )
+    proxier.sync()
+    first = dict(proxier.plans)
+    tracker.upsert(ENDPOINT_SLICE, endpoint_slice(service_name="a"))
+    tracker.delete(SERVICE, service(name="b"))
+    tracker.upsert(SERVICE, service(name="c", cluster_ip="10.96.0.12"))
+    proxier.sync()
+    old, new, changed = seen[-1]
+    assert old == first  # the view of the replaced plans: b back, c not there yet, a's old plan
+    assert {n.name for n in new} == {"a", "c"} and new == dict(proxier.plans)
+    assert {n.name for n in changed} == {"a", "b", "c"}  # type: ignore[attr-defined]
+
+
+def test_failed_partial_sync_puts_the_replaced_plans_back(
+    setup: tuple[ProxyStateTracker, RecordingBackend, Proxier],
+) -> None:
+    tracker, backend, proxier = setup
+    proxier.sync()
+    before = dict(proxier.plans)
+    tracker.delete(SERVICE, service(name="a"))
+    tracker.upsert(SERVICE, service(name="c", cluster_ip="10.96.0.12"))
+    backend.fail = True
+    with pytest.raises(RuntimeError):
+        proxier.sync()
+    assert proxier.plans == before
+
+
 def test_plan_gauges_count_every_family_at_scrape_time() -> None:
     metrics = ProxyMetrics()
     for family, ip in ((4, "10.96.0.10"), (6, "fd00:10:96::10")):
@@ -176,5 +213,29 @@ def test_runner_drift_forces_a_full_sync() -> None:
         while len(calls) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert calls[2] is True  # the canary check found drift: full resync without any change
+    finally:
+        runner.stop()
+
+
+def test_runner_runs_a_change_after_a_quiet_period_at_once() -> None:
+    """kube-proxy's BoundedFrequencyRunner: a change runs at once when the last sync started longer than
+    min-sync-period ago; a change right after a sync waits until that period has passed."""
+    starts: list[float] = []
+    runner = SyncRunner(lambda full: starts.append(time.monotonic()), min_period=0.5, check_period=3600)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not starts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.6)  # quiet for longer than min_period
+        asked = time.monotonic()
+        runner.request()
+        while len(starts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert starts[1] - asked < 0.2
+        runner.request()
+        while len(starts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert starts[2] - starts[1] >= 0.49
     finally:
         runner.stop()

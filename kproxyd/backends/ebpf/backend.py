@@ -214,14 +214,20 @@ class EbpfBackend:
     def _replace_tc_ports(
         self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node: NodeInfo
     ) -> tuple[img.Image, img.Image]:
-        """Replace the changed ports' tc images; what they held and what they hold now."""
+        """Replace the changed ports' tc images; what they held and what they hold now. The node's addresses
+        are read (a netlink dump, ~2 ms) only when a changed port has an external frontend tc serves.
+        """
         assert self._tc_ports is not None
-        ips = self._node_port_ips(node)
+        ips: tuple[str, ...] | None = None
         old: img.Image = {}
         new: img.Image = {}
         for name in changed:
             old.update(self._tc_ports.pop(name, {}))
-            image = tc.plan_image(plans[name], ips, self._config.ebpf_lb_algorithm) if name in plans else {}
+            plan = plans.get(name)
+            if plan is None or not img.tc_serves(plan):
+                continue
+            ips = self._node_port_ips(node) if ips is None else ips
+            image = tc.plan_image(plan, ips, self._config.ebpf_lb_algorithm)
             if image:
                 self._tc_ports[name] = image
                 new.update(image)
