@@ -360,7 +360,7 @@ class NetLab:
         )
         state = _NodeState(node)
         os.makedirs(self.node_cgroup(name))
-        self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name))
+        self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name), netns)
         self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip, node.ip6)
         ip_in(netns, "link", "add", "cbr0", "address", _bridge_mac(index), "type", "bridge")
         ip_in(netns, "addr", "add", f"{node.pod_gateway}/24", "dev", "cbr0")
