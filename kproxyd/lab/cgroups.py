@@ -86,7 +86,7 @@ class SocketFactory:
     def __init__(self, cgroup: str, netns: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         serve = [sys.executable, "-m", "kproxyd.lab.cgroups", str(theirs.fileno())]
-        argv = in_cgroup(cgroup, nsutil.nsenter_argv(netns, serve))
+        argv = nsutil.nsenter_argv(netns, in_cgroup(cgroup, serve))  # never in the cgroup outside netns
         self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self._sock = ours
