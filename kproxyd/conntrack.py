@@ -20,6 +20,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from kproxyd.model import Protocol, ServicePort, ServicePortName
 from kproxyd.plan import ServicePlan
+from kproxyd.stale import removed_endpoints, udp_plan_changes
 
 log = structlog.get_logger(__name__)
 
@@ -57,17 +58,11 @@ def _frontend_filters(port: ServicePort, reply_src_ip: str | None) -> set[FlowFi
     return filters
 
 
-def _removed_endpoint_ips(old: ServicePlan, new: ServicePlan | None) -> set[str]:
-    """IPs of the old plan's endpoints (by ip:port) that the new plan no longer reaches."""
-    kept = {ep.address for ep in new.all_endpoints} if new is not None else set()
-    return {ep.ip for ep in old.all_endpoints if ep.address not in kept}
-
-
 def _port_filters(old: ServicePlan | None, new: ServicePlan | None) -> set[FlowFilter]:
     """The stale flows of one UDP ServicePort between two plans of it."""
     filters: set[FlowFilter] = set()
     if old is not None:
-        for ip in _removed_endpoint_ips(old, new):
+        for ip in {ep.ip for ep in removed_endpoints(old, new)}:
             filters |= _frontend_filters(old.port, ip)
     if new is not None and new.all_endpoints and (old is None or not old.all_endpoints):
         filters |= _frontend_filters(new.port, None)
@@ -80,11 +75,9 @@ def stale_udp_flows(
     changed: Set[ServicePortName] | None = None,
 ) -> list[FlowFilter]:
     """Flows to delete after moving from old to new plans (only the changed ports when given), sorted."""
-    names = old.keys() | new.keys() if changed is None else changed
     filters: set[FlowFilter] = set()
-    for name in names:
-        if name.protocol == Protocol.UDP:
-            filters |= _port_filters(old.get(name), new.get(name))
+    for before, after in udp_plan_changes(old, new, changed):
+        filters |= _port_filters(before, after)
     return sorted(filters, key=FlowFilter.sort_key)
 
 

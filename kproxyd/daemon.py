@@ -20,6 +20,7 @@ from kproxyd.healthcheck import HealthServer, ProxyHealth, ServiceHealthServers,
 from kproxyd.k8s.client import build_api_client
 from kproxyd.k8s.reflector import ENDPOINT_SLICES, NODES, PROXY_LABEL_SELECTOR, SERVICES, Reflector
 from kproxyd.metrics import ProxyMetrics
+from kproxyd.sockdestroy import UdpSocketDestroyer
 from kproxyd.sync import Proxier, SyncObserver, SyncRunner
 from kproxyd.tracker import FanOut, ProxyStateTracker
 
@@ -125,12 +126,20 @@ class Daemon:
         self._other_modes_removed = False
 
     def _observers(self, family: int) -> list[SyncObserver]:
-        """Follow-up work after a family's successful sync: health check ports, stale UDP flows."""
+        """Follow-up work after a family's successful sync: health check ports, stale UDP flows (conntrack
+        entries; in ebpf mode also connected sockets, which the socket load balancer translated once).
+        """
         cleaner = ConntrackCleaner(socket.AF_INET if family == 4 else socket.AF_INET6)
-        return [
+        observers: list[SyncObserver] = [
             lambda _old, new, changed: self.service_health.on_sync(new, changed, family),
             cleaner.on_sync,
         ]
+        if self.config.mode == "ebpf":
+            from kproxyd.backends.ebpf.backend import cgroup_of
+
+            destroyer = UdpSocketDestroyer(cgroup_of(self.config), self.metrics.sockets_destroyed.inc)
+            observers.append(destroyer.on_sync)
+        return observers
 
     def _changed(self) -> None:
         self.metrics.record_queued()

@@ -118,6 +118,11 @@ class ProxyMetrics:
         self.service_changes = Counter(
             "kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", registry=reg
         )
+        self.sockets_destroyed = Counter(
+            "kproxyd_sockets_destroyed",
+            "UDP sockets destroyed because they were connected to a removed endpoint (ebpf mode)",
+            registry=reg,
+        )
         self.services = Gauge("kproxyd_service_ports", "ServicePorts programmed by the last sync", registry=reg)
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",

@@ -79,11 +79,14 @@ def remove_lab_cgroups(prefix: str) -> None:
 
 
 class SocketFactory:
-    """A process in a node's cgroup that creates sockets in named network namespaces for the lab."""
+    """A process in a node's cgroup and network namespace that creates sockets in named network namespaces
+    for the lab (in the node's namespace: the ebpf mode's socket destroyer searches its processes' ones).
+    """
 
-    def __init__(self, cgroup: str) -> None:
+    def __init__(self, cgroup: str, netns: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = in_cgroup(cgroup, [sys.executable, "-m", "kproxyd.lab.cgroups", str(theirs.fileno())])
+        serve = [sys.executable, "-m", "kproxyd.lab.cgroups", str(theirs.fileno())]
+        argv = nsutil.nsenter_argv(netns, in_cgroup(cgroup, serve))  # never in the cgroup outside netns
         self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self._sock = ours

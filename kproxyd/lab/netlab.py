@@ -360,7 +360,7 @@ class NetLab:
         )
         state = _NodeState(node)
         os.makedirs(self.node_cgroup(name))
-        self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name))
+        self._factories[name] = cgroups.SocketFactory(self.node_cgroup(name), netns)
         self._plug_into_lan(f"{self.prefix}n{index}", netns, node.ip, node.ip6)
         ip_in(netns, "link", "add", "cbr0", "address", _bridge_mac(index), "type", "bridge")
         ip_in(netns, "addr", "add", f"{node.pod_gateway}/24", "dev", "cbr0")
@@ -524,12 +524,15 @@ class NetLab:
     ) -> subprocess.Popen[Any]:
         """Start argv inside host's namespace (and cgroup) in its own process group; close() stops it.
 
-        host_sys: keep the host's /sys (cgroup2, bpffs) rather than `ip netns exec`'s sysfs of the namespace.
+        host_sys: keep the host's /sys (cgroup2, bpffs) rather than `ip netns exec`'s sysfs of the namespace
+        (always so with a cgroup: the process joins it from inside the namespace, so that no process of the
+        cgroup is ever in this one's namespace, which the ebpf mode's socket destroyer would search).
         """
         netns = self.host(host).netns
-        argv = nsutil.nsenter_argv(netns, argv) if host_sys else nsutil.netns_argv(netns, argv)
-        # Moved into the cgroup before `ip netns exec`, which remounts /sys without the cgroup2 mount.
-        argv = cgroups.in_cgroup(cgroup, argv) if cgroup else argv
+        if cgroup:
+            argv = nsutil.nsenter_argv(netns, cgroups.in_cgroup(cgroup, argv))
+        else:
+            argv = nsutil.nsenter_argv(netns, argv) if host_sys else nsutil.netns_argv(netns, argv)
         proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
         self._procs.append(proc)
         return proc

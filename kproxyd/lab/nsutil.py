@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
-import threading
 from collections.abc import Mapping, Sequence
 
-import structlog
-
-log = structlog.get_logger(__name__)
+from kproxyd.netns import socket_in
 
 NETNS_RUN_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_setns_lock = threading.Lock()
 
 
 class CommandError(RuntimeError):
@@ -40,29 +32,10 @@ def netns_exists(netns: str) -> bool:
     return os.path.exists(netns_path(netns))
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def socket_in_netns(netns: str, family: int, type: int, proto: int = 0) -> socket.socket:
     """Create a socket inside network namespace NAME; the calling thread is always switched back."""
-    with (
-        _setns_lock,
-        open(netns_path(netns), "rb") as target,
-        open("/proc/thread-self/ns/net", "rb") as home,
-    ):
-        _setns(target.fileno())
-        try:
-            return socket.socket(family, type, proto)
-        finally:
-            # If this fails the thread is stranded in the lab namespace: never let it go on silently.
-            try:
-                _setns(home.fileno())
-            except OSError:
-                log.critical("setns back to the original namespace failed", netns=netns)
-                os.abort()
+    with open(netns_path(netns), "rb") as target:
+        return socket_in(target.fileno(), family, type, proto)
 
 
 def run(

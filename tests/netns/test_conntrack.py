@@ -110,7 +110,8 @@ def cluster(lab: LabCluster) -> Iterator[LabCluster]:
     if lab.mode == "ebpf":  # type: ignore[attr-defined]
         pytest.skip(
             "ebpf translates every UDP connect()/sendmsg() afresh: cluster-IP flows are never NATed, so there"
-            " are no conntrack entries to clean (a connected socket keeps its backend: see docs/ebpf.md)"
+            " are no conntrack entries to clean; its counterpart, destroying the sockets connected to a removed"
+            " endpoint, is tests/netns/test_ebpf.py::test_connected_udp_socket_to_a_removed_backend_is_destroyed"
         )
     lab.add_pod("ct-client", "node1", {"app": "ct-client"})
     for node in ("node1", "node2"):

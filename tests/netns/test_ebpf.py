@@ -1,6 +1,7 @@
 """The ebpf mode's own promises: its programs compile and load here, a restart under load drops nothing
 (pinned maps, programs replaced in place), Maglev keeps flows on their backend when another goes, and the
-tc program serves node ports from the network (IPv4 and IPv6, TCP and UDP) and goes away with --cleanup.
+tc program serves node ports from the network (IPv4 and IPv6, TCP and UDP) and goes away with --cleanup, and
+connected UDP sockets to a removed endpoint are destroyed.
 """
 
 from __future__ import annotations
@@ -261,6 +262,79 @@ def test_node_ports_from_outside_run_in_tc_tcp_and_udp(cluster: LabCluster, fami
         replies = [cluster.request("ext", node_ip, port, proto, timeout=1.0) for _ in range(10)]
         assert {r.pod for r in replies} == {"web-0", "web-1"}
         assert {r.source_ip for r in replies} == {gateway}
+
+
+def _ask(sock: socket.socket) -> str:
+    """One request on a connected UDP socket: the pod that answered."""
+    sock.send(b"HELLO\n")
+    return Reply.parse(sock.recv(4096).split(b"\n")[0]).pod
+
+
+def _connected_to(lab: LabCluster, ip: str, family: int, pod: str) -> socket.socket:
+    """A UDP socket of the client pod connected to ip:53 that the socket load balancer gave to pod."""
+    for _ in range(64):
+        sock = lab.net.socket("client", family, socket.SOCK_DGRAM)
+        sock.settimeout(2)
+        sock.connect((ip, 53))
+        if _ask(sock) == pod:
+            return sock
+        sock.close()
+    raise AssertionError(f"no connect() to {ip} went to {pod}")
+
+
+def _aborted(sock: socket.socket) -> bool:
+    """True once a call on the socket fails with ECONNABORTED (it was destroyed)."""
+    sock.settimeout(0.2)
+    try:
+        sock.recv(4096)
+    except ConnectionAbortedError:
+        return True
+    except TimeoutError:
+        return False
+    raise AssertionError("an answer nobody asked for")
+
+
+@pytest.mark.parametrize("kind", ["IPv4", "IPv6", "IPv4-mapped"])
+def test_connected_udp_socket_to_a_removed_backend_is_destroyed(cluster: LabCluster, kind: str) -> None:
+    """A connected UDP socket was translated once, at connect(): when its endpoint goes, kproxyd destroys it
+    (the ebpf mode's conntrack cleanup). Its owner gets ECONNABORTED, a new socket reaches the live pod, and a
+    socket connected to the live endpoint of the same Service is untouched.
+    """
+    app = {"IPv4": "sd4", "IPv6": "sd6", "IPv4-mapped": "sdm"}[kind]
+    dead_pod, live_pod = f"{app}-0", f"{app}-1"
+    for pod in (dead_pod, live_pod):
+        cluster.add_pod(pod, "node1", {"app": app}, ports=UDP)
+    v4, v6 = cluster.create_service(svc(app, app, ipFamilyPolicy="RequireDualStack"))["spec"]["clusterIPs"]
+    ip = {"IPv4": v4, "IPv6": v6, "IPv4-mapped": f"::ffff:{v4}"}[kind]
+    family = socket.AF_INET if kind == "IPv4" else socket.AF_INET6
+    wait_until(lambda: _answered(cluster, ip, {dead_pod, live_pod}), timeout=30, what=f"{app} served")
+    destroyed = cluster.proxy_log("node1").count("UDP sockets destroyed")
+    with (
+        _connected_to(cluster, ip, family, dead_pod) as dead,
+        _connected_to(cluster, ip, family, live_pod) as live,
+    ):
+        cluster.delete_pod(dead_pod)
+        wait_until(lambda: _aborted(dead), timeout=10, what="the removed endpoint's socket destroyed")
+        with pytest.raises(OSError):
+            dead.getpeername()  # disconnected: the application opens a new socket
+        live.settimeout(2)
+        assert _ask(live) == live_pod
+    wait_until(lambda: cluster.proxy_log("node1").count("UDP sockets destroyed") > destroyed, what="logged")
+    for _ in range(5):  # new sockets: only the live pod is left
+        with cluster.net.socket("client", family, socket.SOCK_DGRAM) as fresh:
+            fresh.settimeout(2)
+            fresh.connect((ip, 53))
+            assert _ask(fresh) == live_pod
+
+
+def test_sockets_destroyed_metric(cluster: LabCluster) -> None:
+    """After the test above: kproxyd_sockets_destroyed_total counted the destroyed sockets."""
+    status, body = cluster.http_get("node1", "127.0.0.1", 10249, "/metrics")
+    assert status == 200
+    count = next(
+        line.split()[1] for line in body.splitlines() if line.startswith("kproxyd_sockets_destroyed_total")
+    )
+    assert float(count) >= 3
 
 
 def test_cleanup_detaches_the_tc_programs(cluster: LabCluster) -> None:
