@@ -1,7 +1,8 @@
 """`kproxyd explain` in ebpf mode: which program meets a new connection, and what the pinned maps make of it.
 
-A process of this node (the node itself, or one of its pods) connecting to a cluster IP is translated inside
-connect() by the socket load balancer (bpf/sock_lb.c); a packet arriving on an interface meets tc
+A process of this node (the node itself, or one of its pods) connecting to a cluster IP, or to a node IP at a
+node port, an external IP or a load-balancer IP, is translated inside connect() by the socket load balancer
+(bpf/sock_lb.c); a packet arriving on an interface meets tc
 (bpf/tc_nat.c) when tc holds its frontend, else the nftables fallback, which the nftables walker explains.
 Pure: the maps, whether tc runs on the packet's interface and the fallback's walk come in through EbpfNode.
 """
@@ -62,13 +63,15 @@ def explain(packet: Packet, node: EbpfNode) -> Explanation:
 
 
 def _socket_lb(packet: Packet, node: EbpfNode, key: FrontendKey, notes: list[Hop]) -> Explanation | None:
-    """connect() (sendmsg() for unconnected UDP) by a process of this node; None: not a cluster IP."""
+    """connect() (sendmsg() for unconnected UDP) by a process of this node; None: not a frontend it holds."""
     hook = _hook(packet)
     dataplane = f"socket load balancer ({hook} of a process on this node)"
     found = node.socket_lb.frontend(key)
+    cluster_ip = node.socket_lb.frontend(address_key(packet.dst)) is not None
     if found is not None:
-        return _balanced(packet, SOCKET_LB, hook, key, found, "cluster IP", None, dataplane)
-    if node.socket_lb.frontend(address_key(packet.dst)) is None:
+        kind = "cluster IP" if cluster_ip else _external_kind(packet)
+        return _balanced(packet, SOCKET_LB, hook, key, found, kind, None, dataplane)
+    if not cluster_ip:
         notes.append(Hop(SOCKET_LB, hook, f"frontends: no {key}, not a cluster IP: connect() goes on unchanged"))
         return None
     hop = Hop(SOCKET_LB, hook, f"frontends: no {key}; ({packet.dst}, 0, 0) marks it a cluster IP")
@@ -108,8 +111,14 @@ def _tc(
         notes.append(Hop(TC, hook, note + "flows are left to nftables"))
         return None
     masquerade = masquerade_reason("external", False) if entry.flags & F_SNAT else None
-    kind = "node port" if packet.is_local(packet.dst) else "external or loadbalancer IP"
-    return _balanced(packet, TC, hook, key, found, kind, masquerade, f"tc ingress on {packet.iif}")
+    return _balanced(
+        packet, TC, hook, key, found, _external_kind(packet), masquerade, f"tc ingress on {packet.iif}"
+    )
+
+
+def _external_kind(packet: Packet) -> str:
+    """The kind of external frontend the packet is for (the maps do not say which of the last two)."""
+    return "node port" if packet.is_local(packet.dst) else "external or loadbalancer IP"
 
 
 def _balanced(

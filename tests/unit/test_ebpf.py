@@ -16,7 +16,7 @@ from kproxyd.backends.ebpf.backend import EbpfBackend, socket_lb
 from kproxyd.backends.ebpf.kernel import SockLbKernel
 from kproxyd.backends.ebpf.maglev import TABLE_SIZE, maglev_table
 from kproxyd.config import ProxyConfig
-from kproxyd.model import NodeInfo, Protocol, ServicePortName
+from kproxyd.model import NodeInfo, Protocol, ServicePortName, ServiceType
 from kproxyd.plan import ServicePlan
 from tests.model_factories import NODE, eps, plans, spn, svc
 
@@ -104,7 +104,10 @@ def test_ipv6_node_port_falls_back_without_its_cluster_ip() -> None:
     port = svc(spn(), "fd00:96::10", node_port=30080)
     fallback = img.fallback_plans(plans((port, eps("fd00:244::2"))))
     assert fallback[port.name].port.cluster_ips == ()
-    assert img.dataplane(plans((port, eps("fd00:244::2"))).values()) == "ebpf(cluster-ip v6)+nftables(external)"
+    assert (
+        img.dataplane(plans((port, eps("fd00:244::2"))).values())
+        == "ebpf(cluster-ip v6, external from node)+nftables(external)"
+    )
 
 
 @pytest.mark.parametrize(("ip", "mapped"), [("10.96.0.10", "::ffff:10.96.0.10"), ("fd00:96::10", "fd00:96::10")])
@@ -122,7 +125,10 @@ def test_fallback_keeps_external_frontends_without_cluster_ips() -> None:
     assert list(fallback) == [node_port.name]
     assert fallback[node_port.name].port.cluster_ips == ()
     assert fallback[node_port.name].port.node_port == 30080
-    assert img.dataplane(plans((node_port, eps("10.0.1.2"))).values()) == "ebpf(cluster-ip v4)+nftables(external)"
+    assert (
+        img.dataplane(plans((node_port, eps("10.0.1.2"))).values())
+        == "ebpf(cluster-ip v4, external from node)+nftables(external)"
+    )
 
 
 @dataclass
@@ -132,9 +138,15 @@ class FakeKernel(SockLbKernel):
     maps: img.Image = field(default_factory=dict)
     writes: list[tuple[img.Image, list[img.FrontendKey]]] = field(default_factory=list)
     loads: int = 0
+    local: list[str] = field(default_factory=lambda: ["172.28.0.11", "fd00:28::11"])
+    address_reads: int = 0
 
     def __post_init__(self) -> None:
         super().__init__("/sys/fs/cgroup/test", "/sys/fs/bpf/test")
+
+    def local_addresses(self, family: int = 4) -> list[str]:
+        self.address_reads += 1
+        return [ip for ip in self.local if img.family_of(ip) == family]
 
     def load(self) -> None:
         self.loads += 1
@@ -259,3 +271,63 @@ def test_counters_name_their_service_port() -> None:
     backend, _ = _backend(FakeKernel())
     backend.apply(plans((port, eps("10.0.1.2"))), None, NODE)
     assert backend.connection_counters() == [FrontendCounter("ns1/svc1:p80", "10.96.0.10:80/TCP", 7)]
+
+
+LB = svc(
+    spn(name="lb"),
+    "10.96.0.20",
+    node_port=30080,
+    external_ips=("192.0.2.7",),
+    load_balancer_ips=("198.51.100.9",),
+    type=ServiceType.LOAD_BALANCER,
+)
+NODE_IPS = ("172.28.0.11",)
+
+
+def test_external_frontends_for_local_processes_pick_the_cluster_policy_endpoints() -> None:
+    state = plans((LB, eps("10.0.1.2", node="node1") + eps("10.0.2.2", node="node2")))
+    image = img.image(state, "random", NODE_IPS)
+    both = img.FrontendEntry((("10.0.1.2", 80), ("10.0.2.2", 80)), service=str(LB.name))
+    external = [("172.28.0.11", 30080), ("192.0.2.7", 80), ("198.51.100.9", 80)]
+    for ip, port in [*external, ("10.96.0.20", 80)]:
+        assert image[img.FrontendKey(ip, port, Protocol.TCP)] == both
+    local = plans((replace(LB, external_policy_local=True), eps("10.0.2.2", node="node2")))
+    entry = img.image(local, "random", NODE_IPS)[img.FrontendKey("198.51.100.9", 80, Protocol.TCP)]
+    assert entry.slots == (("10.0.2.2", 80),)  # short-circuited: no local endpoint, still the cluster set
+
+
+def test_address_entries_are_for_cluster_ips_only() -> None:
+    image = img.image(plans((LB, eps("10.0.1.2"))), "random", NODE_IPS)
+    addresses = {key.ip for key in image if key.port == 0}
+    assert addresses == {"10.96.0.20"}  # ssh to the node IP or another port of an external IP still works
+
+
+def test_no_endpoints_fail_and_source_ranged_lb_ips_stay_with_nftables() -> None:
+    image = img.image(plans((LB, [])), "random", NODE_IPS)
+    assert image[img.FrontendKey("192.0.2.7", 80, Protocol.TCP)].flags == img.F_NO_ENDPOINTS
+    ranged = replace(LB, load_balancer_source_ranges=("203.0.113.0/24",))
+    keys = set(img.image(plans((ranged, eps("10.0.1.2"))), "random", NODE_IPS))
+    assert img.FrontendKey("198.51.100.9", 80, Protocol.TCP) not in keys
+    assert img.FrontendKey("192.0.2.7", 80, Protocol.TCP) in keys
+
+
+def test_partial_sync_of_external_frontends_reads_node_ips_only_when_needed() -> None:
+    kernel = FakeKernel()
+    backend, _ = _backend(kernel)
+    internal = svc(spn(name="internal"), "10.96.0.21")
+    state = plans((LB, eps("10.0.1.2")), (internal, eps("10.0.1.3")))
+    backend.apply(state, None, NODE)
+    assert kernel.maps == img.image(state, "random", NODE_IPS) and kernel.address_reads == 1
+    state = plans((LB, eps("10.0.1.2")), (internal, eps("10.0.1.4")))
+    backend.apply(state, {internal.name}, NODE)
+    assert kernel.address_reads == 1  # a ClusterIP change: no netlink dump
+    state = plans((LB, eps("10.0.1.5")), (internal, eps("10.0.1.4")))
+    backend.apply(state, {LB.name}, NODE)
+    assert kernel.address_reads == 2 and kernel.maps == img.image(state, "random", NODE_IPS)
+    del state[LB.name]
+    backend.apply(state, {LB.name}, NODE)
+    assert kernel.maps == img.image(state, "random", NODE_IPS)  # its address entry went, the other's stays
+    kernel.local = ["172.28.0.99"]  # a new node IP: the next full sync rebuilds
+    state = plans((LB, eps("10.0.1.5")), (internal, eps("10.0.1.4")))
+    backend.apply(state, None, NODE)
+    assert kernel.maps == img.image(state, "random", ("172.28.0.99",))

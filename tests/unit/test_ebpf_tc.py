@@ -74,11 +74,12 @@ def test_what_stays_with_the_nftables_fallback() -> None:
         *plans((cluster_ip, eps("10.0.1.2"))).values(),
     ]:
         assert tc.plan_image(plan, NODE_IPS, "random") == {}, plan.port
-    assert img.dataplane([no_endpoints], tc=True) == "ebpf(cluster-ip v4)+nftables(external)"
+    assert img.dataplane([no_endpoints], tc=True) == "ebpf(cluster-ip v4, external from node)+nftables(external)"
     served = plans((node_port, eps("10.0.1.2")))[node_port.name]
-    assert img.dataplane([served], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
+    assert img.dataplane([served], tc=True) == "ebpf(cluster-ip v4, external from node)+tc(external v4)"
     assert (
-        img.dataplane([served, no_endpoints], tc=True) == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external)"
+        img.dataplane([served, no_endpoints], tc=True)
+        == "ebpf(cluster-ip v4, external from node)+tc(external v4)+nftables(external)"
     )
 
 
@@ -95,22 +96,16 @@ def test_node_port_addresses() -> None:
 class FakeTcKernel(FakeKernel):
     """The tc maps as a dict, on fixed local addresses."""
 
-    local: list[str] = field(default_factory=lambda: ["172.28.0.11", "fd00:28::11"])
     attaches: int = 0
     removes: int = 0
     failed: bool = False
     pod_sources: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    address_reads: int = 0
 
     def attach_interfaces(self) -> None:
         self.attaches += 1
 
     def remove(self) -> None:
         self.removes += 1
-
-    def local_addresses(self, family: int = 4) -> list[str]:
-        self.address_reads += 1
-        return [ip for ip in self.local if img.family_of(ip) == family]
 
     def set_pod_sources(self, cidrs: Sequence[str], family: int = 4) -> None:
         self.pod_sources[family] = tuple(cidrs)
@@ -180,10 +175,10 @@ def test_ipv6_plan_frontends_on_ipv6_node_ips() -> None:
         img.FrontendKey("fd00:28::11", 30080, TCP): entry,
         img.FrontendKey("fd00:29::5", 80, TCP): entry,
     }
-    assert img.dataplane([plan], tc=True) == "ebpf(cluster-ip v6)+tc(external v6)+nftables(external from node)"
+    assert img.dataplane([plan], tc=True) == "ebpf(cluster-ip v6, external from node)+tc(external v6)"
     v4 = plans((svc(spn(), "10.96.0.10", node_port=30080), eps("10.0.1.2")))
     assert img.dataplane([*v4.values(), plan], tc=True) == (
-        "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)"
+        "ebpf(cluster-ip v4+v6, external from node)+tc(external v4+v6)"
     )
 
 

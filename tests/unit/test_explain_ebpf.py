@@ -62,8 +62,8 @@ def fallback(packet: Packet) -> Explanation:
 def node(
     state: Mapping[ServicePortName, ServicePlan] = STATE, tc_runs: bool = True, algorithm: str = "random"
 ) -> ebpf.EbpfNode:
-    """A node whose maps hold state's images (tc: its IPv4 external frontends at NODE_IP)."""
-    socket_lb = Maps(img.image(state, algorithm))
+    """A node whose maps hold state's images (node ports at NODE_IP)."""
+    socket_lb = Maps(img.image(state, algorithm, (NODE_IP,)))
     tc_image = {k: e for port in tc.image(state, (NODE_IP,), algorithm).values() for k, e in port.items()}
     return ebpf.EbpfNode(
         socket_lb, Maps(tc_image) if tc_runs else None, ("10.244.0.0/16",), frozenset({"eth0"}), fallback
@@ -123,20 +123,39 @@ def test_node_port_from_outside_is_tcs_and_masqueraded() -> None:
     assert answer.outcomes[0].hops[0].rule.startswith("tc_frontends[172.28.0.11:30080/TCP]: ns1/web:http")
 
 
-def test_local_policy_keeps_the_source_and_leaves_pods_to_nftables() -> None:
+def test_local_policy_keeps_the_source_from_outside_and_pods_get_the_cluster_policy_endpoints() -> None:
     answer = ebpf.explain(packet(OUTSIDE, LB_IP, iif="eth0"), node())
     assert answer.endpoints == {"10.244.1.2:80": 1.0} and answer.outcomes[0].masquerade is None
-    from_pod = ebpf.explain(packet(POD, LB_IP), node())
-    assert from_pod.mode == "ebpf" and from_pod.service == "ns1/fallback"
-    assert from_pod.dataplane == "nftables fallback, nat PREROUTING (arrives on cbr0)"
-    hops = from_pod.outcomes[0].hops
-    assert "in tc_pod_sources" in hops[1].rule and hops[-1] == FALLBACK_HOP  # after the socket LB's note
+    remote_only = plans((LOCAL, eps("10.244.2.2", node="node2")))  # no local endpoint: DROP from outside
+    from_pod = ebpf.explain(packet(POD, LB_IP), node(remote_only))
+    assert from_pod.dataplane == "socket load balancer (connect4 of a process on this node)"
+    assert from_pod.frontend == "external or loadbalancer IP" and from_pod.service == "ns1/local:http"
+    assert from_pod.endpoints == {"10.244.2.2:80": 1.0} and from_pod.outcomes[0].masquerade is None
 
 
-def test_the_nodes_own_connections_to_a_node_port_are_the_fallbacks() -> None:
+def test_the_nodes_own_connections_to_a_node_port_are_the_socket_load_balancers() -> None:
     answer = ebpf.explain(packet(NODE_IP, NODE_IP, 30080), node())
+    assert answer.dataplane == "socket load balancer (connect4 of a process on this node)"
+    assert answer.frontend == "node port" and answer.service == "ns1/web:http"
+    assert answer.endpoints == {f"{ip}:8080": pytest.approx(1 / 3) for ip in BACKENDS}
+
+
+def test_a_node_ip_on_another_port_goes_on_unchanged() -> None:
+    answer = ebpf.explain(packet(NODE_IP, NODE_IP, 22), node())
     assert answer.dataplane == "nftables fallback, nat OUTPUT (sent by this node)"
-    assert [hop.table for hop in answer.outcomes[0].hops] == ["sock_lb", "prerouting"]
+    assert "not a cluster IP: connect() goes on unchanged" in answer.outcomes[0].hops[0].rule
+
+
+def test_source_ranged_lb_ips_from_pods_are_the_fallbacks() -> None:
+    ranged = svc(
+        spn(name="ranged"),
+        "10.96.0.15",
+        load_balancer_ips=(LB_IP,),
+        load_balancer_source_ranges=("172.28.0.0/16",),
+        type=ServiceType.LOAD_BALANCER,
+    )
+    answer = ebpf.explain(packet(POD, LB_IP), node(plans((ranged, eps("10.244.1.2")))))
+    assert answer.service == "ns1/fallback" and answer.outcomes[0].hops[-1] == FALLBACK_HOP
 
 
 def test_without_tc_external_frontends_are_the_fallbacks() -> None:

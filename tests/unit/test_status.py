@@ -163,13 +163,18 @@ def test_ebpf_mode_shows_what_runs_where() -> None:
         NODE,
     )
     rows = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf")}
-    assert rows == {"default/web": "ebpf(cluster-ip v4)", "default/np": "ebpf(cluster-ip v4)+nftables(external)"}
+    assert rows == {
+        "default/web": "ebpf(cluster-ip v4)",
+        "default/np": "ebpf(cluster-ip v4, external from node)+nftables(external)",
+    }
     assert format_table(service_rows(snapshot, "node1", "ebpf")).splitlines()[0].endswith("DATAPLANE")
     served = replace(snapshot, slices=[*snapshot.slices, endpoint_slice("np", ("10.0.1.1", "node1", True, False))])
     rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=True)}
-    assert rows["default/np"] == "ebpf(cluster-ip v4)+tc(external v4)+nftables(external from node)"
+    assert rows["default/np"] == "ebpf(cluster-ip v4, external from node)+tc(external v4)"
     rows = {row.service: row.dataplane for row in service_rows(served, "node1", "ebpf", tc=False)}
-    assert rows["default/np"] == "ebpf(cluster-ip v4)+nftables(external)"  # tc not running here
+    assert (
+        rows["default/np"] == "ebpf(cluster-ip v4, external from node)+nftables(external)"
+    )  # tc not running here
 
 
 def test_ipv6_services_show_in_both_families() -> None:
@@ -196,7 +201,7 @@ def test_ipv6_services_show_in_both_families() -> None:
     rows = {row.service: row for row in service_rows(snapshot, "node1", "ebpf")}
     assert rows["default/dual"].frontends == ["10.96.0.10:80/TCP", "nodePort 30080/TCP", "fd00:96::10:80/TCP"]
     assert rows["default/dual"].ready == 1
-    assert rows["default/dual"].dataplane == "ebpf(cluster-ip v4+v6)+nftables(external)"
+    assert rows["default/dual"].dataplane == "ebpf(cluster-ip v4+v6, external from node)+nftables(external)"
     assert rows["default/six"].dataplane == "ebpf(cluster-ip v6)"
     dual = {row.service: row.dataplane for row in service_rows(snapshot, "node1", "ebpf", tc=True)}["default/dual"]
-    assert dual == "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)"
+    assert dual == "ebpf(cluster-ip v4+v6, external from node)+tc(external v4+v6)"

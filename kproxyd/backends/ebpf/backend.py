@@ -1,6 +1,6 @@
-"""The eBPF Backend: TCP/UDP cluster IPs in a cgroup socket load balancer (pinned maps, written
-incrementally), external frontends from the network in tc, everything else through an nftables fallback
-that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
+"""The eBPF Backend: TCP/UDP cluster IPs (and external frontends, for local processes) in a cgroup socket
+load balancer (pinned maps, written incrementally), external frontends from the network in tc, everything
+else through an nftables fallback that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
 the one socket load balancer's maps and the one tc program's.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import structlog
@@ -46,9 +46,12 @@ def socket_lb(cgroup: str, pin_path: str) -> SockLbKernel:
     return SockLbKernel(cgroup, pin_path)
 
 
+NodeIps = Callable[[], tuple[str, ...]]  # this family's node IPs where node ports answer, read once per sync
+
+
 class EbpfBackend:
-    """Socket load balancing for one family's cluster IPs; tc for its external frontends from the network;
-    the nftables fallback for external frontends (and SCTP).
+    """Socket load balancing for one family's cluster IPs and (for local processes) external frontends; tc for
+    its external frontends from the network; the nftables fallback for external frontends (and SCTP).
     """
 
     name = "ebpf"
@@ -74,6 +77,7 @@ class EbpfBackend:
         self._fallback_plans: dict[ServicePortName, ServicePlan] = {}  # what the nftables fallback renders
         self._fallback_live = False  # its table exists (written by this process)
         self._addresses: Counter[str] = Counter()  # frontends per cluster IP in the maps
+        self._cluster_ips: dict[ServicePortName, tuple[str, ...]] = {}  # each port's cluster IPs in the maps
 
     @classmethod
     def for_config(cls, config: ProxyConfig, family: int = 4) -> EbpfBackend:
@@ -90,8 +94,11 @@ class EbpfBackend:
         changed: set[ServicePortName] | None,
         node: NodeInfo,
     ) -> WriteStats:
-        """Maps first (only what changed), then the nftables fallback for the plans it renders, then tc."""
-        writes = self._write_maps(plans, changed)
+        """Maps first (only what changed), then the nftables fallback for the plans it renders, then tc. The
+        node IPs are read at most once, and only when a port needs them.
+        """
+        node_ips: NodeIps = functools.cache(functools.partial(self._node_port_ips, node))
+        writes = self._write_maps(plans, changed, node_ips)
         stats = WriteStats()
         if changed is None:
             self._fallback_plans = img.fallback_plans(plans)
@@ -99,7 +106,7 @@ class EbpfBackend:
         elif fallback_changed := self._update_fallback(plans, changed):
             stats = self._apply_fallback(fallback_changed, node)
         # After the fallback: it carries external frontends too (a first compile here takes seconds).
-        writes += self._write_tc(plans, changed, node) if self._tc is not None else 0
+        writes += self._write_tc(plans, changed, node, node_ips) if self._tc is not None else 0
         return WriteStats(bytes=stats.bytes, lines=stats.lines + writes, rules=stats.rules)
 
     def _apply_fallback(self, changed: set[ServicePortName] | None, node: NodeInfo) -> WriteStats:
@@ -130,10 +137,9 @@ class EbpfBackend:
         return touched
 
     def _write_maps(
-        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node_ips: NodeIps
     ) -> int:
         kernel = self._kernel
-        algorithm = self._config.ebpf_lb_algorithm
         started = time.monotonic()
         try:
             if not kernel.loaded:
@@ -141,13 +147,13 @@ class EbpfBackend:
             first = self._generation != kernel.generation  # our first sync, or (either family) reloaded since
             if first:
                 old = kernel.read_image(self._family)  # an earlier run's maps: rewrite only what differs
-                self._ports, self._addresses = {}, Counter()
+                self._ports, self._addresses, self._cluster_ips = {}, Counter(), {}
                 self._generation = kernel.generation
                 names: set[ServicePortName] = set(plans)
             else:
                 old = {}
                 names = set(plans) | set(self._ports) if changed is None else changed
-            new = self._replace_ports(plans, names, old, algorithm, first)
+            new = self._replace_ports(plans, names, old, node_ips, first)
             upserts, deletes = img.diff(old, new)
             writes = kernel.write(upserts, deletes)
             kernel.attach()
@@ -165,11 +171,15 @@ class EbpfBackend:
         return writes
 
     def _write_tc(
-        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName] | None, node: NodeInfo
+        self,
+        plans: Mapping[ServicePortName, ServicePlan],
+        changed: set[ServicePortName] | None,
+        node: NodeInfo,
+        node_ips: NodeIps,
     ) -> int:
         """This family's part of the tc maps: everything on a full sync (the interfaces and node IPs may have
-        changed), else the changed ports. The nftables fallback still holds these frontends (for the node's
-        own connections): if tc cannot be loaded here, it carries them from the network too, and tc stays off.
+        changed), else the changed ports. The nftables fallback still holds these frontends: if tc cannot be
+        loaded here, it carries them from the network, and tc stays off.
         """
         kernel = self._tc
         assert kernel is not None
@@ -187,10 +197,10 @@ class EbpfBackend:
             if changed is None:
                 detector = local_traffic_detector(self._config, node, family)
                 kernel.set_pod_sources(tc.pod_source_cidrs(detector, family), family)
-                self._tc_ports = tc.image(plans, self._node_port_ips(node), self._config.ebpf_lb_algorithm)
+                self._tc_ports = tc.image(plans, node_ips(), self._config.ebpf_lb_algorithm)
                 new = {key: entry for image in self._tc_ports.values() for key, entry in image.items()}
             else:
-                old, new = self._replace_tc_ports(plans, changed, node)
+                old, new = self._replace_tc_ports(plans, changed, node_ips)
             return kernel.write(*img.diff(old, new))
         except Exception:
             kernel.invalidate()  # unknown after a failure: reload, and both families reread, on the next sync
@@ -212,13 +222,12 @@ class EbpfBackend:
         return False
 
     def _replace_tc_ports(
-        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node: NodeInfo
+        self, plans: Mapping[ServicePortName, ServicePlan], changed: set[ServicePortName], node_ips: NodeIps
     ) -> tuple[img.Image, img.Image]:
         """Replace the changed ports' tc images; what they held and what they hold now. The node's addresses
         are read (a netlink dump, ~2 ms) only when a changed port has an external frontend tc serves.
         """
         assert self._tc_ports is not None
-        ips: tuple[str, ...] | None = None
         old: img.Image = {}
         new: img.Image = {}
         for name in changed:
@@ -226,43 +235,45 @@ class EbpfBackend:
             plan = plans.get(name)
             if plan is None or not img.tc_serves(plan):
                 continue
-            ips = self._node_port_ips(node) if ips is None else ips
-            image = tc.plan_image(plan, ips, self._config.ebpf_lb_algorithm)
+            image = tc.plan_image(plan, node_ips(), self._config.ebpf_lb_algorithm)
             if image:
                 self._tc_ports[name] = image
                 new.update(image)
         return old, new
 
     def _node_port_ips(self, node: NodeInfo) -> tuple[str, ...]:
-        assert self._tc is not None
-        return tc.node_port_ips(self._config, node, self._tc.local_addresses(self._family), self._family)
+        """This family's node IPs where node ports answer, for the socket load balancer and tc alike."""
+        kernel = self._tc or self._kernel
+        return tc.node_port_ips(self._config, node, kernel.local_addresses(self._family), self._family)
 
     def _replace_ports(
         self,
         plans: Mapping[ServicePortName, ServicePlan],
         names: set[ServicePortName],
         old: img.Image,
-        algorithm: str,
+        node_ips: NodeIps,
         first: bool,
     ) -> img.Image:
         """Replace the named ports' images in place (O(changed)); add what they held to old, return what they
-        hold now, each with the address entries of the cluster IPs that appear or disappear.
+        hold now, each with the address entries of the cluster IPs (only those) that appear or disappear.
         """
-        ports, addresses = self._ports, self._addresses
+        ports, addresses, cluster_ips = self._ports, self._addresses, self._cluster_ips
+        algorithm = self._config.ebpf_lb_algorithm
         before: dict[str, int] = {}
         new: img.Image = {}
         for name in names:
-            removed = ports.pop(name, {})
-            old.update(removed)
-            for key in removed:
-                before.setdefault(key.ip, addresses[key.ip])
-                addresses[key.ip] -= 1
-            if name in plans:
-                image = ports[name] = img.plan_image(plans[name], algorithm)
+            old.update(ports.pop(name, {}))
+            for ip in cluster_ips.pop(name, ()):
+                before.setdefault(ip, addresses[ip])
+                addresses[ip] -= 1
+            plan = plans.get(name)
+            if plan is not None:
+                ips = node_ips() if img.needs_node_ips(plan) else ()
+                image = ports[name] = img.plan_image(plan, algorithm, ips)
                 new.update(image)
-                for key in image:
-                    before.setdefault(key.ip, addresses[key.ip])
-                    addresses[key.ip] += 1
+                for ip in cluster_ips.setdefault(name, img.balanced_cluster_ips(plan) if image else ()):
+                    before.setdefault(ip, addresses[ip])
+                    addresses[ip] += 1
         for ip, count in before.items():
             if addresses[ip] > 0:
                 new[img.address_key(ip)] = img.ADDRESS_ENTRY
@@ -279,7 +290,9 @@ class EbpfBackend:
         return {key: name for name, image in self._ports.items() for key in image}
 
     def connection_counters(self) -> list[FrontendCounter]:
-        """Translated connections per cluster-IP frontend from the counters map, plus the fallback's."""
+        """Translated connections per socket load balancer frontend from the counters map, plus tc's and the
+        fallback's.
+        """
         counters = self._fallback.connection_counters()
         owners = self.frontends()
         if owners:

@@ -1,8 +1,9 @@
 """Plans → what the eBPF maps must hold (pure): one entry per Service frontend, with its backend slots.
 
 The socket load balancer carries TCP and UDP cluster IPs of both families (one image per family: plans come
-per family). Node ports, external and load-balancer IPs (and SCTP) are rendered by the nftables fallback
-(tc serves the external frontends it can from the network first: tc.py): fallback_plans says which plans,
+per family), and for the node's own processes and pods also the node IPs at node ports, external IPs and
+load-balancer IPs (not those filtered by loadBalancerSourceRanges). From the network, tc serves the external
+frontends it can (tc.py); the nftables fallback renders the rest (and SCTP): fallback_plans says which plans,
 stripped of the cluster IPs the socket load balancer already serves.
 """
 
@@ -64,6 +65,15 @@ def frontend_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
     return endpoints_entry(plan, plan.internal_endpoints, algorithm)
 
 
+def local_external_entry(plan: ServicePlan, algorithm: str) -> FrontendEntry:
+    """The entry for plan's external frontends when a local process (the node or a pod) connects: the
+    cluster-policy endpoints, whatever the external policy. kube-proxy sends such traffic to the service chain:
+    through the external chain with Cluster policy, short-circuited there with Local
+    (ServicePlan.short_circuit_local_sources): its source is never one to preserve, and it must not blackhole.
+    """
+    return endpoints_entry(plan, plan.cluster_policy_endpoints, algorithm)
+
+
 def endpoints_entry(
     plan: ServicePlan, endpoints: Sequence[Endpoint], algorithm: str, flags: int = 0
 ) -> FrontendEntry:
@@ -81,18 +91,54 @@ def endpoints_entry(
     return FrontendEntry(backends, flags, affinity, service)
 
 
-def plan_image(plan: ServicePlan, algorithm: str) -> Image:
-    """The frontends one plan puts in the maps (none for SCTP)."""
+def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
+    """A plan's external frontends (node IPs of its family): node IPs at the node port, external IPs and LB IPs
+    at the port; LB IPs filtered by loadBalancerSourceRanges left out (the nftables fallback's firewall).
+    """
+    port = plan.port
+    keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port]
+    lb_ips = () if port.load_balancer_source_ranges else port.load_balancer_ips
+    keys += [FrontendKey(ip, port.port, port.protocol) for ip in (*port.external_ips, *lb_ips)]
+    return keys
+
+
+def serves_local_external(plan: ServicePlan) -> bool:
+    """True when the socket load balancer holds some of plan's external frontends (as external_keys)."""
+    port = plan.port
+    lb_ips = port.load_balancer_ips and not port.load_balancer_source_ranges
+    return bool(port.node_port or port.external_ips or lb_ips)
+
+
+def needs_node_ips(plan: ServicePlan) -> bool:
+    """True when plan's socket load balancer frontends include the node IPs (a node port): read them first."""
+    return plan.port.protocol in SOCKET_PROTOCOLS and bool(plan.port.cluster_ips) and bool(plan.port.node_port)
+
+
+def balanced_cluster_ips(plan: ServicePlan) -> tuple[str, ...]:
+    """The cluster IPs plan has in the socket load balancer: the ones that get an address entry."""
+    return plan.port.cluster_ips if plan.port.protocol in SOCKET_PROTOCOLS else ()
+
+
+def plan_image(plan: ServicePlan, algorithm: str, node_ips: Iterable[str] = ()) -> Image:
+    """The frontends one plan puts in the maps (none for SCTP): its cluster IPs, and its external frontends
+    for local processes (node_ips: this node's of the plan's family, where node ports answer).
+    """
     if plan.port.protocol not in SOCKET_PROTOCOLS or not plan.port.cluster_ips:
         return {}
+    out = dict.fromkeys(external_keys(plan, node_ips), local_external_entry(plan, algorithm))
     entry = frontend_entry(plan, algorithm)
-    return {FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in plan.port.cluster_ips}
+    out.update({FrontendKey(ip, plan.port.port, plan.port.protocol): entry for ip in plan.port.cluster_ips})
+    return out
 
 
-def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str) -> Image:
-    """Everything the maps must hold for these plans, with their cluster IPs' address entries."""
-    out = {key: entry for plan in plans.values() for key, entry in plan_image(plan, algorithm).items()}
-    out.update({address_key(key.ip): ADDRESS_ENTRY for key in list(out)})
+def image(plans: Mapping[ServicePortName, ServicePlan], algorithm: str, node_ips: Iterable[str] = ()) -> Image:
+    """Everything the maps must hold for these plans, with their cluster IPs' address entries (only cluster
+    IPs': a node IP or external IP on another port must stay reachable).
+    """
+    ips = tuple(node_ips)
+    out = {key: entry for plan in plans.values() for key, entry in plan_image(plan, algorithm, ips).items()}
+    addresses = {ip for plan in plans.values() for ip in balanced_cluster_ips(plan)}
+    out.update({address_key(ip): ADDRESS_ENTRY for ip in addresses})
     return out
 
 
@@ -119,8 +165,8 @@ def fallback_plans(plans: Mapping[ServicePortName, ServicePlan]) -> dict[Service
 
 def tc_serves(plan: ServicePlan) -> bool:
     """True when tc (bpf/tc_nat.c) carries plan's external frontends from the network (either family); the
-    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP, and the
-    node's own connections (they never cross an interface's ingress).
+    nftables fallback keeps the rest: no endpoints (REJECT/DROP), loadBalancerSourceRanges, SCTP (the node's
+    own connections are the socket load balancer's).
     """
     return (
         plan.port.protocol in SOCKET_PROTOCOLS
@@ -132,19 +178,22 @@ def tc_serves(plan: ServicePlan) -> bool:
 
 def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
     """Where a Service's ports (both families' plans) are handled in ebpf mode, for `kproxyd status` (tc: the
-    tc programs run): e.g. "ebpf(cluster-ip v4+v6)+tc(external v4+v6)+nftables(external from node)".
+    tc programs run): e.g. "ebpf(cluster-ip v4+v6, external from node)+tc(external v4+v6)"; nftables carries
+    external frontends from the network that tc does not.
     """
     plans = list(plans)
-    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
-    parts = [f"ebpf(cluster-ip {_families(balanced)})"] if _families(balanced) else []
+    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS and plan.port.cluster_ips]
     external = [plan for plan in balanced if plan.port.externally_accessible]
+    if balanced:
+        local = ", external from node" if any(map(serves_local_external, external)) else ""
+        parts = [f"ebpf(cluster-ip {_families(balanced)}{local})"]
+    else:
+        parts = []
     in_tc = [plan for plan in external if tc and tc_serves(plan)]
     if in_tc:
         parts.append(f"tc(external {_families(in_tc)})")
     if len(in_tc) < len(external):
         parts.append("nftables(external)")
-    elif in_tc:
-        parts.append("nftables(external from node)")  # the node's own connections never cross tc ingress
     if len(balanced) < len(plans):
         parts.append("nftables(sctp)")
     return "+".join(parts)

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from kproxyd.backends.ebpf.image import FrontendEntry, FrontendKey, Image, family_of
+from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.model import Protocol
 
 log = structlog.get_logger(__name__)
@@ -114,6 +115,10 @@ class SockLbKernel:
         self._unattached: dict[str, Any] = {}  # programs loaded, not attached yet: name → bcc function
         self._next_rev = 1
         self.generation = 0  # loads so far: a family's backend rereads its image when this moved
+
+    def local_addresses(self, family: int = 4) -> list[str]:
+        """This namespace's addresses of one family (where node ports answer)."""
+        return local_addresses(family)
 
     @property
     def loaded(self) -> bool:

@@ -20,10 +20,9 @@ from typing import Any
 
 import structlog
 
-from kproxyd.backends.ebpf.image import FrontendKey, Image, endpoints_entry, family_of, tc_serves
+from kproxyd.backends.ebpf.image import Image, endpoints_entry, external_keys, family_of, tc_serves
 from kproxyd.backends.ebpf.kernel import SockLbKernel, _ip, _ip_text, ensure_bpffs
 from kproxyd.backends.iptables.backend import nodeport_ips
-from kproxyd.backends.iptables.kernel import local_addresses
 from kproxyd.config import ProxyConfig
 from kproxyd.model import DetectLocalMode, LocalTrafficDetector, NodeInfo, ServicePortName
 from kproxyd.plan import ServicePlan
@@ -40,16 +39,6 @@ PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}  # clsact ingress 
 BPF_PROG_TYPE_SCHED_CLS = 3
 MAP_PREFIX = "tc_"  # pinned next to the socket load balancer's maps, as tc_<name>
 MAPS = ("frontends", "slots", "counters", "conns", "replies", "affinity", "ifaddrs", "pod_sources", "names")
-
-
-def external_keys(plan: ServicePlan, node_ips: Iterable[str]) -> list[FrontendKey]:
-    """A plan's external frontends (node IPs of its family): node IPs at the node port, external IPs and LB IPs
-    at the port.
-    """
-    port = plan.port
-    keys = [FrontendKey(ip, port.node_port, port.protocol) for ip in node_ips if port.node_port]
-    keys += [FrontendKey(ip, port.port, port.protocol) for ip in (*port.external_ips, *port.load_balancer_ips)]
-    return keys
 
 
 def plan_image(plan: ServicePlan, node_ips: Iterable[str], algorithm: str) -> Image:
@@ -189,10 +178,6 @@ class TcKernel(SockLbKernel):
                 del table[key]
         for prefixlen, addr in wanted:
             table[table.Key(prefixlen, addr)] = table.Leaf(1)
-
-    def local_addresses(self, family: int = 4) -> list[str]:
-        """This namespace's addresses of one family."""
-        return local_addresses(family)
 
     def attached(self) -> bool:
         """True while the maps are pinned and every interface with an address has our ingress filter."""
