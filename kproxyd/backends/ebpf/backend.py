@@ -1,7 +1,7 @@
 """The eBPF Backend: TCP/UDP cluster IPs (and external frontends, for local processes) in a cgroup socket
 load balancer (pinned maps, written incrementally), external frontends from the network in tc, everything
-else through an nftables fallback that renders only what eBPF does not carry. There is one backend per IP family, as in every mode; both write
-the one socket load balancer's maps and the one tc program's.
+else through an nftables fallback that renders only what eBPF does not carry. There is one backend per IP
+family, as in every mode; both write the one socket load balancer's maps and the one tc program's.
 """
 
 from __future__ import annotations
