@@ -9,22 +9,31 @@ from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
 
 
-def refused_error(mode: str, cluster_ip: bool) -> type[OSError]:
-    """The error a refused connection raises.
+def refused_error(mode: str, socket_lb: bool) -> type[OSError]:
+    """The error a refused connection raises (socket_lb: the ebpf mode's socket load balancer holds the
+    frontend: a cluster IP, or a node port, external IP or load-balancer IP a process of the node dials).
 
     kube-proxy's REJECT answers ECONNREFUSED. The ebpf mode's socket load balancer fails connect() and
-    sendmsg() to a cluster IP without endpoints inside the call, with EPERM (the hook returns "reject"):
-    as immediate, with no packet sent and no ICMP rate limit to flap against. Node ports and other
-    external frontends go through the nftables fallback and are REJECTed as in nftables mode.
+    sendmsg() to a frontend without endpoints inside the call, with EPERM (the hook returns "reject"):
+    as immediate, with no packet sent and no ICMP rate limit to flap against. External frontends reached
+    from the network go through the nftables fallback and are REJECTed as in nftables mode.
     """
-    return PermissionError if mode == "ebpf" and cluster_ip else ConnectionRefusedError
+    return PermissionError if mode == "ebpf" and socket_lb else ConnectionRefusedError
 
 
-def dropped_error(mode: str, cluster_ip: bool) -> type[OSError]:
+def dropped_error(mode: str, socket_lb: bool) -> type[OSError]:
     """The error a dropped connection raises: a timeout, but EPERM at once where ebpf fails the connect()
     (a Local traffic policy with no endpoint on this node: no packet leaves, so there is nothing to drop).
     """
-    return PermissionError if mode == "ebpf" and cluster_ip else TimeoutError
+    return PermissionError if mode == "ebpf" and socket_lb else TimeoutError
+
+
+def masqueraded(mode: str, kube_proxy: bool, socket_lb: bool) -> bool:
+    """Whether a flow arrives SNATed (kube_proxy: in kube-proxy). kube-proxy masquerades pod traffic to
+    external frontends with Cluster policy; the ebpf mode's socket load balancer connects the pod's socket
+    straight to the endpoint, from the pod's own address (as Cilium's socket load balancer does).
+    """
+    return kube_proxy and not (mode == "ebpf" and socket_lb)
 
 
 TC_ATTACHED = "tc external-frontend programs attached"

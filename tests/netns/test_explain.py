@@ -20,7 +20,7 @@ import tests.netns.test_flows as flows
 import tests.netns.test_semantics as semantics
 from kproxyd.lab.cluster import LabCluster
 from kproxyd.lab.nsutil import nsenter_argv, run
-from tests.netns.expect import dropped_error, refused_error
+from tests.netns.expect import dropped_error, masqueraded, refused_error
 
 MODES_EXPLAINED = ("iptables", "nftables", "ebpf")
 
@@ -125,12 +125,24 @@ def cluster_ip(case: Case) -> bool:
     return case.flow.dst in semantics.cluster_ip_flows()
 
 
-def fails_with_eperm(mode: str, case: Case) -> bool:
+def socket_lb(lab: LabCluster, case: Case) -> bool:
+    """True where the ebpf mode's socket load balancer holds the flow's frontend: a cluster IP, or an external
+    frontend of the source's own node (test_semantics.socket_balanced).
+    """
+    flow = case.flow
+    if cluster_ip(case):
+        return True
+    if case.suite == "semantics":
+        return semantics.socket_balanced(lab, flow)
+    return not flow.src.startswith("ext") and first_node(lab, flow.src, "") == flow.via.removesuffix("-ip")
+
+
+def fails_with_eperm(lab: LabCluster, mode: str, case: Case) -> bool:
     """True where real packets showed ebpf's socket load balancer failing connect() itself (expect.py)."""
     if case.flow.expect == "refused":
-        return refused_error(mode, cluster_ip(case)) is PermissionError
+        return refused_error(mode, socket_lb(lab, case)) is PermissionError
     if case.flow.expect == "dropped":
-        return dropped_error(mode, cluster_ip(case) and case.flow.dst != "other-proxy") is PermissionError
+        return dropped_error(mode, socket_lb(lab, case) and case.flow.dst != "other-proxy") is PermissionError
     return False
 
 
@@ -144,7 +156,7 @@ def check(lab: LabCluster, case: Case) -> None:
     mode = lab.mode  # type: ignore[attr-defined]
     if mode == "ebpf" and cluster_ip(case) and case.flow.src.startswith("ext"):
         assert fates == {"unhandled"}, answer  # cluster IPs are not served to traffic routed in (test_semantics)
-    elif fails_with_eperm(mode, case):
+    elif fails_with_eperm(lab, mode, case):
         assert fates == {"rejected"} and all("EPERM" in o["reason"] for o in outcomes), answer
     elif expect == "refused":
         assert fates == {"rejected"}, answer
@@ -156,7 +168,8 @@ def check(lab: LabCluster, case: Case) -> None:
         pods = {lab.net.pod(name).ip for name in expect}
         assert {o["endpoint"].rsplit(":", 1)[0] for o in outcomes} == pods, answer
         if case.flow.masqueraded is not None:
-            assert {o["masquerade"] is not None for o in outcomes} == {case.flow.masqueraded}, answer
+            snat = masqueraded(mode, case.flow.masqueraded, socket_lb(lab, case))
+            assert {o["masquerade"] is not None for o in outcomes} == {snat}, answer
 
 
 def test_ebpf_programs_explained(flows_lab: LabCluster) -> None:
@@ -179,10 +192,12 @@ def test_ebpf_programs_explained(flows_lab: LabCluster) -> None:
     empty = explain_flow(lab, Case("flows", flows.Flow("client1", "empty", 80)))
     assert [o["reason"] for o in empty["outcomes"]] == ["no endpoints: connect() fails with EPERM"], empty
     assert empty["service"] == "default/empty:http", empty
-    # No endpoints: tc leaves it to the fallback's REJECT; the node's own connections never cross tc.
+    # No endpoints: tc leaves it to the fallback's REJECT.
     refused = explain_flow(lab, Case("flows", flows.Flow("ext", "empty-np", flows.NODE_PORT + 1, via="node1-ip")))
     assert refused["dataplane"] == "nftables fallback, nat PREROUTING (arrives on eth0)", refused
     assert {o["fate"] for o in refused["outcomes"]} == {"rejected"}, refused
+    # The node's own connections to its node port: the socket load balancer's.
     own = explain_flow(lab, Case("flows", flows.Flow("node1", "web-np", flows.NODE_PORT, via="node1-ip")))
-    assert own["dataplane"] == "nftables fallback, nat OUTPUT (sent by this node)", own
-    assert own["service"] == "default/web-np:http" and len(own["outcomes"]) == 3, own
+    assert own["dataplane"] == "socket load balancer (connect4 of a process on this node)", own
+    assert own["frontend"] == "node port" and own["service"] == "default/web-np:http", own
+    assert {o["endpoint"] for o in own["outcomes"]} == {f"{ip}:8080" for ip in pods}, own

@@ -22,7 +22,7 @@ import pytest
 from kproxyd.lab.cluster import LabCluster, wait_until
 from kproxyd.lab.netlab import Reply
 from kproxyd.lab.nsutil import socket_in_netns
-from tests.netns.expect import assert_served_by_tc, dropped_error, refused_error, wait_for_dataplane
+from tests.netns.expect import assert_served_by_tc, dropped_error, masqueraded, refused_error, wait_for_dataplane
 
 BACKENDS = frozenset({"backend-0", "backend-1", "backend-2"})
 ON_NODE1 = frozenset({"backend-0", "backend-2"})
@@ -214,12 +214,13 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
         # in from outside the node (as Cilium's default, bpf-lb-external-clusterip=false). Nothing answers.
         assert all(isinstance(r, TimeoutError) for r in results), results[:3]
         return
+    socket_lb = cluster_ip or socket_balanced(cluster, flow)
     if expect == "refused":
-        error = refused_error(mode, cluster_ip)
+        error = refused_error(mode, socket_lb)
         assert all(isinstance(r, error) for r in results), results[:3]
         return
     if expect == "dropped":
-        error = dropped_error(mode, cluster_ip and flow.dst != "other-proxy")
+        error = dropped_error(mode, socket_lb and flow.dst != "other-proxy")
         assert all(isinstance(r, error) for r in results), results[:3]
         return
     errors = [r for r in results if not isinstance(r, Reply)]
@@ -228,7 +229,20 @@ def test_flow(cluster: LabCluster, flow: Flow) -> None:
     assert {r.pod for r in replies} == expect
     if flow.masqueraded is not None:
         kept = {r.source_ip == source_ip(cluster, flow.src) for r in replies}
-        assert kept == {not flow.masqueraded}, {r.source_ip for r in replies}
+        assert kept == {not masqueraded(mode, flow.masqueraded, socket_lb)}, {r.source_ip for r in replies}
+
+
+def socket_balanced(lab: LabCluster, flow: Flow) -> bool:
+    """True for an external frontend the ebpf mode's socket load balancer holds for flow's source: a process
+    of a node (the node, or a pod on it) dialing that node's IP at a node port, or an external or LB IP
+    (loadBalancerSourceRanges ones stay with the nftables fallback).
+    """
+    if flow.src.startswith("ext") or flow.dst == LB_RANGES_IP:
+        return False
+    if ":" in flow.dst:
+        pods = {pod.name: pod.node for pod in lab.net.pods}
+        return flow.dst.split(":")[0] == pods.get(flow.src, flow.src)
+    return flow.dst[0].isdigit()
 
 
 def cluster_ip_flows() -> set[str]:
