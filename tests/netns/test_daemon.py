@@ -44,7 +44,7 @@ def refused(lab: LabCluster, ip: str, src: str = "client") -> bool:
     """A connection to ip:80 is refused at once."""
     try:
         lab.request(src, ip, 80, timeout=0.5)
-    except refused_error(lab.mode, cluster_ip=True):  # type: ignore[attr-defined]
+    except refused_error(lab.mode, socket_lb=True):  # type: ignore[attr-defined]
         return True
     except OSError:
         return False

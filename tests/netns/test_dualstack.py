@@ -207,7 +207,7 @@ def test_ipv6_external_ip_from_outside(cluster: LabCluster) -> None:
 def test_ipv6_without_endpoints_is_refused(cluster: LabCluster) -> None:
     # Over veth the first ICMPv6 error can arrive while connect() still owns the socket, and Linux drops it
     # (TcpExtLockDroppedIcmps); the SYN retransmitted after 1 s is refused. Hence the longer timeout.
-    error = refused_error(cluster.mode, cluster_ip=True)  # type: ignore[attr-defined]
+    error = refused_error(cluster.mode, socket_lb=True)  # type: ignore[attr-defined]
     results = cluster.answers("client1", ip6(cluster, "empty6"), 80, count=5, timeout=3.0)
     assert all(isinstance(r, error) for r in results), results
 

@@ -33,6 +33,9 @@ from tests.netns.expect import TC_ATTACHED, assert_served_by_tc
 ATTACHED = "eBPF socket load balancer attached"
 UDP = [{"name": "dns", "containerPort": 8053, "protocol": "UDP"}, {"name": "http", "containerPort": 8080}]
 NODE_PORTS = {"http": 30080, "dns": 30053}
+LB_NODE_PORTS = {"http": 30081, "dns": 30054}
+LOCAL_NODE_PORTS = {"http": 30082, "dns": 30055}
+LB_IP, LOCAL_LB_IP, EXTERNAL_IP = "172.29.0.10", "172.29.0.11", "172.29.0.20"  # never routed: translated
 
 
 def svc(name: str, app: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -135,6 +138,16 @@ def cluster() -> Iterator[LabCluster]:
         for port in node_port["spec"]["ports"]:
             port["nodePort"] = NODE_PORTS[port["name"]]
         lab.create_service(node_port)
+        for name, ports, spec in (
+            ("web-lb", LB_NODE_PORTS, {"externalIPs": [EXTERNAL_IP]}),
+            ("web-local", LOCAL_NODE_PORTS, {"externalTrafficPolicy": "Local"}),
+        ):
+            lb = svc(name, "web", type="LoadBalancer", ipFamilyPolicy="PreferDualStack", **spec)
+            for port in lb["spec"]["ports"]:
+                port["nodePort"] = ports[port["name"]]
+            lab.create_service(lb)
+        lab.set_load_balancer("web-lb", [LB_IP])
+        lab.set_load_balancer("web-local", [LOCAL_LB_IP])
         lab.start_proxy("node1", ["--proxy-mode=ebpf"])
         wait_until(lambda: TC_ATTACHED in lab.proxy_log("node1"), timeout=60, what="tc attached")
         yield lab
@@ -335,6 +348,72 @@ def test_sockets_destroyed_metric(cluster: LabCluster) -> None:
         line.split()[1] for line in body.splitlines() if line.startswith("kproxyd_sockets_destroyed_total")
     )
     assert float(count) >= 3
+
+
+def _local_frontends(lab: LabCluster) -> list[tuple[str, int, int]]:
+    """(ip, TCP port, UDP port) of the external frontends a process of node1 may dial."""
+    node = lab.net.node("node1")
+    return [
+        (node.ip, LB_NODE_PORTS["http"], LB_NODE_PORTS["dns"]),
+        (node.ip6, LB_NODE_PORTS["http"], LB_NODE_PORTS["dns"]),
+        (EXTERNAL_IP, 80, 53),
+        (LB_IP, 80, 53),
+        (node.ip, LOCAL_NODE_PORTS["http"], LOCAL_NODE_PORTS["dns"]),  # externalTrafficPolicy Local
+        (LOCAL_LB_IP, 80, 53),
+    ]
+
+
+def _translated(maps: PinnedFrontends, key: FrontendKey) -> int:
+    """Connections the socket load balancer translated at key so far (its pinned counters map)."""
+    found = maps.frontend(key)
+    assert found is not None, f"no socket load balancer frontend {key}"
+    return found.connections
+
+
+@pytest.mark.parametrize("src", ["node1", "client"])
+def test_local_processes_reach_external_frontends_through_the_socket_load_balancer(
+    cluster: LabCluster, src: str
+) -> None:
+    """The node and its pods dialing the node's IPs at node ports, external IPs and LB IPs (Cluster and Local
+    policy) are translated inside connect()/sendmsg(): the socket load balancer's counter moves by every
+    request; UDP replies come from the frontend the application named.
+    """
+    maps = PinnedFrontends(cluster.net.pin_path("node1"))
+    try:
+        for ip, tcp, udp in _local_frontends(cluster):
+            for port, proto in ((tcp, Protocol.TCP), (udp, Protocol.UDP)):
+                key = FrontendKey(ip, port, proto)
+                wait_until(lambda k=key: maps.frontend(k) is not None, timeout=30, what=f"frontend {key}")
+                before = _translated(maps, key)
+                replies = cluster.answers(src, ip, port, str(proto), count=20, timeout=1.0)
+                assert {r.pod for r in replies if isinstance(r, Reply)} == {"web-0", "web-1"}, replies
+                assert all(isinstance(r, Reply) for r in replies), replies
+                assert _translated(maps, key) >= before + 20, key
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            with cluster.net.socket(src, family, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(2)
+                sock.sendto(b"HELLO\n", (ip, udp))
+                data, peer = sock.recvfrom(4096)
+            assert peer[:2] == (ip, udp) and data.split()[0].decode() in {"web-0", "web-1"}
+    finally:
+        maps.close()
+
+
+@pytest.mark.parametrize("src", ["node1", "client"])
+def test_a_node_ip_on_another_port_still_reaches_the_node(cluster: LabCluster, src: str) -> None:
+    """Node IPs get no address entry (only cluster IPs do): a listener of the node (ssh, say) stays reachable."""
+    node_ip = cluster.net.node("node1").ip
+    with cluster.net.socket("node1", socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind((node_ip, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        listener.settimeout(2)
+        with cluster.net.socket(src, socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.settimeout(2)
+            client.connect((node_ip, port))
+            accepted, _ = listener.accept()
+            accepted.close()
+            assert client.getpeername()[:2] == (node_ip, port)
 
 
 def test_cleanup_detaches_the_tc_programs(cluster: LabCluster) -> None:
