@@ -331,3 +331,18 @@ def test_partial_sync_of_external_frontends_reads_node_ips_only_when_needed() ->
     state = plans((LB, eps("10.0.1.5")), (internal, eps("10.0.1.4")))
     backend.apply(state, None, NODE)
     assert kernel.maps == img.image(state, "random", ("172.28.0.99",))
+
+
+def test_external_frontend_counters_are_marked_as_the_socket_load_balancers() -> None:
+    class Counting(FakeKernel):
+        def counters(self) -> Iterator[tuple[img.FrontendKey, int]]:
+            yield img.FrontendKey("10.96.0.20", 80, Protocol.TCP), 3
+            yield img.FrontendKey("172.28.0.11", 30080, Protocol.TCP), 2
+
+    kernel = Counting()
+    backend, _ = _backend(kernel)
+    backend.apply(plans((LB, eps("10.0.1.2"))), None, NODE)
+    assert backend.connection_counters() == [
+        FrontendCounter("ns1/lb:p80", "10.96.0.20:80/TCP", 3),
+        FrontendCounter("ns1/lb:p80", "172.28.0.11:30080/TCP (socket LB)", 2),
+    ]

@@ -271,7 +271,8 @@ class EbpfBackend:
                 ips = node_ips() if img.needs_node_ips(plan) else ()
                 image = ports[name] = img.plan_image(plan, algorithm, ips)
                 new.update(image)
-                for ip in cluster_ips.setdefault(name, img.balanced_cluster_ips(plan) if image else ()):
+                cluster_ips[name] = img.balanced_cluster_ips(plan) if image else ()
+                for ip in cluster_ips[name]:
                     before.setdefault(ip, addresses[ip])
                     addresses[ip] += 1
         for ip, count in before.items():
@@ -290,15 +291,18 @@ class EbpfBackend:
         return {key: name for name, image in self._ports.items() for key in image}
 
     def connection_counters(self) -> list[FrontendCounter]:
-        """Translated connections per socket load balancer frontend from the counters map, plus tc's and the
-        fallback's.
+        """Translated connections per socket load balancer frontend from the counters map (external ones marked
+        "(socket LB)": the fallback counts the same frontend from the network), plus tc's and the fallback's.
         """
         counters = self._fallback.connection_counters()
         owners = self.frontends()
         if owners:
             for key, count in self._kernel.counters():
-                if key in owners:
-                    counters.append(FrontendCounter(str(owners[key]), str(key), count))
+                name = owners.get(key)
+                if name is not None:
+                    external = key.ip not in self._cluster_ips.get(name, ())
+                    frontend = f"{key} (socket LB)" if external else str(key)
+                    counters.append(FrontendCounter(str(name), frontend, count))
         tc_owners = self.tc_frontends()
         if self._tc is not None and tc_owners:
             for key, count in self._tc.counters():
