@@ -182,13 +182,10 @@ def dataplane(plans: Iterable[ServicePlan], tc: bool = False) -> str:
     external frontends from the network that tc does not.
     """
     plans = list(plans)
-    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS and plan.port.cluster_ips]
+    balanced = [plan for plan in plans if plan.port.protocol in SOCKET_PROTOCOLS]
     external = [plan for plan in balanced if plan.port.externally_accessible]
-    if balanced:
-        local = ", external from node" if any(map(serves_local_external, external)) else ""
-        parts = [f"ebpf(cluster-ip {_families(balanced)}{local})"]
-    else:
-        parts = []
+    local = ", external from node" if any(map(serves_local_external, external)) else ""
+    parts = [f"ebpf(cluster-ip {_families(balanced)}{local})"] if _families(balanced) else []
     in_tc = [plan for plan in external if tc and tc_serves(plan)]
     if in_tc:
         parts.append(f"tc(external {_families(in_tc)})")
