@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from kproxyd.lab.cluster import LabCluster, wait_until
-from kproxyd.lab.netlab import Reply
+from kproxyd.lab.netlab import TIME_SCALE, Reply
 from kproxyd.lab.nsutil import socket_in_netns
 from tests.netns.expect import assert_served_by_tc, dropped_error, masqueraded, refused_error, wait_for_dataplane
 
@@ -424,6 +424,7 @@ def _sctp_server(lab: LabCluster, pod: str) -> socket.socket:
 def _sctp_request(lab: LabCluster, src: str, ip: str) -> str:
     sock = socket_in_netns(lab.net.host(src).netns, socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
     with sock:
-        sock.settimeout(2)
+        # SCTP retransmits a lost INIT after RTO.initial (3 s), TCP a SYN after 1 s: room for one retransmit.
+        sock.settimeout(4 * TIME_SCALE)
         sock.connect((ip, 7777))
         return sock.recv(100).decode()
